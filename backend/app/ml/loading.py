@@ -1,0 +1,128 @@
+"""The loading seam: model directory in, ``LoadedModel(model, tokenizer, device)`` out.
+
+torch, transformers and FlagEmbedding are imported here, inside the functions, so that
+importing the services (or constructing them) costs nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from app.ml.errors import ModelUnavailableError
+from app.ml.resolver import CLASSIFICATION, SPARSE_EMBEDDING, ModelSource, resolve_model_path
+
+
+class LoadedModel(NamedTuple):
+    model: Any
+    tokenizer: Any
+    device: str
+
+
+def select_device(device: str | None = None) -> str:
+    """``device`` if given, else CUDA where available, else CPU."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def use_fp16(device: str, dtype: str | None) -> bool:
+    """fp16 on CUDA unless fp32 is asked for; never on CPU."""
+    return device.startswith("cuda") and dtype != "fp32"
+
+
+def _checked_path(source: ModelSource, path: str | Path | None) -> Path:
+    path = Path(path) if path is not None else resolve_model_path(source)
+    if not path.is_dir():
+        raise ModelUnavailableError(source.name, [f"{path}: no such directory"])
+    missing = source.missing_files(path)
+    if missing:
+        raise ModelUnavailableError(source.name, [f"{path}: missing {', '.join(missing)}"])
+    return path
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def load_sparse_embedding_model(
+    path: str | Path | None = None, device: str | None = None, dtype: str | None = None
+) -> LoadedModel:
+    """BGE-M3 through FlagEmbedding's ``BGEM3FlagModel`` from a local directory."""
+    path = _checked_path(SPARSE_EMBEDDING, path)
+    device = select_device(device)
+    try:
+        _quiet_transformers()
+        from FlagEmbedding import BGEM3FlagModel
+
+        model = BGEM3FlagModel(
+            str(path), use_fp16=use_fp16(device, dtype), devices=device, trust_remote_code=False
+        )
+        if dtype == "int8":
+            model.model = quantize_dynamic_int8(model.model)
+    except Exception as exc:
+        raise ModelUnavailableError(SPARSE_EMBEDDING.name, [f"{path}: {type(exc).__name__}: {exc}"]) from exc
+    return LoadedModel(model, model.tokenizer, device)
+
+
+def load_classification_model(
+    path: str | Path | None = None, device: str | None = None, dtype: str | None = None
+) -> LoadedModel:
+    """A fine-tuned sequence classifier through transformers' Auto classes."""
+    path = _checked_path(CLASSIFICATION, path)
+    device = select_device(device)
+    try:
+        import torch
+
+        _quiet_transformers()
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            trust_remote_code=False,
+            local_files_only=True,
+            dtype=torch.float16 if use_fp16(device, dtype) else torch.float32,
+        )
+        model.to(device).eval()
+        if dtype == "int8":
+            model = quantize_dynamic_int8(model)
+    except Exception as exc:
+        raise ModelUnavailableError(CLASSIFICATION.name, [f"{path}: {type(exc).__name__}: {exc}"]) from exc
+    return LoadedModel(model, tokenizer, device)
+
+
+def quantize_dynamic_int8(module):
+    """Dynamic int8 quantization of the linear layers, for CPU inference.
+
+    Uses ``torch.ao.quantization.quantize_dynamic``, the eager-mode API of the pinned torch.
+    """
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def model_nbytes(model: Any) -> int:
+    """Bytes held by a model's parameters and buffers (0 for anything that is not torch)."""
+    module = getattr(model, "model", model)  # BGEM3FlagModel wraps its torch module
+    if "torch" not in sys.modules or not hasattr(module, "parameters"):
+        return 0
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def inference_context():
+    """``torch.inference_mode()`` where torch is in use; a torch model implies torch is imported."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return torch.inference_mode()

@@ -1,0 +1,1 @@
+"""Services over the database and the models."""

@@ -1,0 +1,104 @@
+"""Sparse lexical embeddings (BGE-M3 through FlagEmbedding) and lexical search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.ml import SPARSE_EMBEDDING, LoadedModel, load_sparse_embedding_model
+from app.models import ResourceSparseEmbedding
+from app.services.common import atomic, get_resource, require_positive_int, require_text, require_texts
+
+
+class SparseEmbeddingService:
+    """Token -> weight embeddings of texts and resources, and search ranked by lexical matching."""
+
+    model_name = SPARSE_EMBEDDING.name
+    batch_size = 32
+    max_length = 512
+
+    def __init__(self, db: Session, model_path: str | Path | None = None, device: str | None = None):
+        self.db = db
+        self.model_path = model_path
+        self.device = device
+        self._loaded: LoadedModel | None = None
+
+    def _load_model(self) -> LoadedModel:
+        """The loading seam: the one place this service gets its model (tests patch it)."""
+        return load_sparse_embedding_model(self.model_path, self.device)
+
+    @property
+    def loaded(self) -> LoadedModel:
+        """The model, loaded on first use."""
+        if self._loaded is None:
+            self._loaded = self._load_model()
+        return self._loaded
+
+    def generate_embedding(self, text: str) -> dict[str, float]:
+        """BGE-M3 lexical weights of ``text``: token -> weight > 0, special tokens removed."""
+        return self.generate_embeddings([require_text(text)])[0]
+
+    def generate_embeddings(self, texts: list[str]) -> list[dict[str, float]]:
+        """Batched :meth:`generate_embedding`; empty or blank texts give ``{}``."""
+        texts = require_texts(texts)
+        results: list[dict[str, float]] = [{} for _ in texts]
+        todo = [i for i, text in enumerate(texts) if text.strip()]
+        if not todo:
+            return results
+        model, tokenizer, _ = self.loaded
+        output = model.encode(
+            [texts[i] for i in todo],
+            batch_size=self.batch_size,
+            max_length=min(self.max_length, tokenizer.model_max_length),
+            return_dense=False,
+            return_sparse=True,
+            return_colbert_vecs=False,
+        )
+        special_ids = set(tokenizer.all_special_ids)
+        for i, weights in zip(todo, output["lexical_weights"]):
+            results[i] = self._tokens_and_weights(weights, tokenizer, special_ids)
+        return results
+
+    @staticmethod
+    def _tokens_and_weights(weights: dict, tokenizer, special_ids: set[int]) -> dict[str, float]:
+        tokens: dict[str, float] = {}
+        for token_id, weight in weights.items():
+            token_id, weight = int(token_id), float(weight)
+            if token_id in special_ids or weight <= 0:
+                continue
+            token = tokenizer.convert_ids_to_tokens(token_id)
+            tokens[token] = max(weight, tokens.get(token, 0.0))
+        return tokens
+
+    def embed_resource(self, resource_id: int) -> dict[str, float]:
+        """Compute and store the sparse vector of a resource; returns it."""
+        resource = get_resource(self.db, resource_id)
+        weights = self.generate_embedding(resource.text)
+        with atomic(self.db):
+            stored = self.db.get(ResourceSparseEmbedding, resource_id)
+            if stored is None:
+                self.db.add(ResourceSparseEmbedding(resource_id=resource_id, weights=weights, model_name=self.model_name))
+            else:
+                stored.weights = weights
+                stored.model_name = self.model_name
+        return weights
+
+    @staticmethod
+    def lexical_score(query: dict[str, float], document: dict[str, float]) -> float:
+        """BGE-M3's lexical matching score: the sum of weight products over shared tokens."""
+        return sum(weight * document[token] for token, weight in query.items() if token in document)
+
+    def search(self, query: str, limit: int = 10) -> list[tuple[int, float]]:
+        """``(resource_id, score)`` of embedded resources that share tokens with ``query``, best first."""
+        limit = require_positive_int(limit, "limit")
+        query_weights = self.generate_embedding(query)
+        if not query_weights:
+            return []
+        scored = [
+            (row.resource_id, self.lexical_score(query_weights, row.weights))
+            for row in self.db.scalars(select(ResourceSparseEmbedding))
+        ]
+        ranked = sorted((hit for hit in scored if hit[1] > 0), key=lambda hit: (-hit[1], hit[0]))
+        return ranked[:limit]
