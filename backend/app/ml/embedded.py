@@ -37,7 +37,7 @@ BGE_M3_RECIPE = {
     "sparse_bias": 0.25,
     "sparse_projection_norm": 0.01,
 }
-CLASSIFIER_RECIPE = {"recipe": 1, "seed": SEED, "epochs": 12, "learning_rate": 1e-4, "batch_size": 16}
+CLASSIFIER_RECIPE = {"recipe": 2, "seed": SEED, "epochs": 12, "learning_rate": 1e-4, "batch_size": 16}
 DATASET_PATH = Path(__file__).parent / "data" / "taxonomy.jsonl"
 
 

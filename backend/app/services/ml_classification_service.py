@@ -11,7 +11,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app import config
-from app.ml import CLASSIFICATION_BASE, LoadedModel, load_classification_model, resolve_model_path
+from app.ml import loading
+from app.ml import CLASSIFICATION_BASE, LoadedModel, resolve_model_path
 from app.ml.loading import inference_context
 from app.models import Category, ResourceClassification
 from app.services.common import atomic, get_resource, require_positive_int, require_texts
@@ -55,7 +56,7 @@ class MLClassificationService:
 
     def _load_model(self) -> LoadedModel:
         """The loading seam: the one place this service gets its model (tests patch it)."""
-        return load_classification_model(self.model_dir, self.device)
+        return loading.load_classification_model(self.model_dir, self.device)
 
     @property
     def loaded(self) -> LoadedModel:

@@ -7,7 +7,8 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.ml import SPARSE_EMBEDDING, LoadedModel, load_sparse_embedding_model
+from app.ml import loading
+from app.ml import SPARSE_EMBEDDING, LoadedModel
 from app.models import ResourceSparseEmbedding
 from app.services.common import atomic, get_resource, require_positive_int, require_text, require_texts
 
@@ -27,7 +28,7 @@ class SparseEmbeddingService:
 
     def _load_model(self) -> LoadedModel:
         """The loading seam: the one place this service gets its model (tests patch it)."""
-        return load_sparse_embedding_model(self.model_path, self.device)
+        return loading.load_sparse_embedding_model(self.model_path, self.device)
 
     @property
     def loaded(self) -> LoadedModel:

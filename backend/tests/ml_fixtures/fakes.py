@@ -1,0 +1,151 @@
+"""Deterministic fake models with the interfaces the services use, and no ML library.
+
+``FakeBGEM3Model`` answers ``encode`` like FlagEmbedding's ``BGEM3FlagModel``: lexical
+weights for the text's own tokens, keyed by token id. ``FakeSequenceClassifier`` answers
+like a transformers sequence classifier: logits over the real label set of the shipped
+dataset, favouring the label whose training texts share the most words with the input.
+``test_fakes_match_real_interfaces`` (integration tree) checks them against the real classes.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import zlib
+from types import SimpleNamespace
+
+from app.ml import LoadedModel
+from app.ml.embedded import load_dataset
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+_SPECIAL = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
+
+
+def _stable_fraction(token: str) -> float:
+    return zlib.crc32(token.encode()) / 2**32
+
+
+class FakeBatchEncoding(dict):
+    """A tokenizer's output: a dict of id lists that can be moved to a device (a no-op)."""
+
+    def to(self, device: str) -> FakeBatchEncoding:
+        return self
+
+
+class FakeTokenizer:
+    """Lower-cased word tokenizer with stable hashed ids: the subset of a HF tokenizer in use."""
+
+    model_max_length = 512
+    all_special_tokens = list(_SPECIAL)
+    all_special_ids = list(_SPECIAL.values())
+
+    def __init__(self) -> None:
+        self._tokens_by_id = {i: t for t, i in _SPECIAL.items()}
+
+    def tokenize(self, text: str) -> list[str]:
+        return _WORD.findall(text.lower())
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        token_id = _SPECIAL.get(token) or 1000 + zlib.crc32(token.encode()) % 1_000_000
+        self._tokens_by_id[token_id] = token
+        return token_id
+
+    def convert_ids_to_tokens(self, ids):
+        if isinstance(ids, int):
+            return self._tokens_by_id.get(ids, "[UNK]")
+        return [self.convert_ids_to_tokens(i) for i in ids]
+
+    def __call__(self, texts, padding=True, truncation=True, max_length=None, return_tensors=None, **kwargs):
+        single = isinstance(texts, str)
+        limit = (max_length or self.model_max_length) - 2
+        rows = []
+        for text in [texts] if single else texts:
+            tokens = self.tokenize(text)[:limit] if truncation else self.tokenize(text)
+            rows.append([_SPECIAL["[CLS]"], *map(self.convert_tokens_to_ids, tokens), _SPECIAL["[SEP]"]])
+        width = max(map(len, rows))
+        ids = [row + [0] * (width - len(row)) for row in rows]
+        mask = [[1] * len(row) + [0] * (width - len(row)) for row in rows]
+        encoding = FakeBatchEncoding(input_ids=ids, attention_mask=mask)
+        return FakeBatchEncoding({k: v[0] for k, v in encoding.items()}) if single else encoding
+
+
+class FakeBGEM3Model:
+    """``BGEM3FlagModel.encode`` on made-up weights: every token of the text gets one in (0.05, 0.35]."""
+
+    def __init__(self, tokenizer: FakeTokenizer | None = None) -> None:
+        self.tokenizer = tokenizer or FakeTokenizer()
+
+    def encode(
+        self,
+        sentences,
+        batch_size=None,
+        max_length=None,
+        return_dense=None,
+        return_sparse=None,
+        return_colbert_vecs=None,
+        **kwargs,
+    ) -> dict:
+        single = isinstance(sentences, str)
+        encoded = self.tokenizer([sentences] if single else sentences, truncation=True, max_length=max_length)
+        special = set(self.tokenizer.all_special_ids)
+        lexical = [
+            {
+                str(i): 0.05 + 0.3 * _stable_fraction(self.tokenizer.convert_ids_to_tokens(i))
+                for i in ids
+                if i not in special
+            }
+            for ids in encoded["input_ids"]
+        ]
+        return {
+            "dense_vecs": None,
+            "lexical_weights": (lexical[0] if single else lexical) if return_sparse else None,
+            "colbert_vecs": None,
+        }
+
+
+@functools.cache
+def _label_vocabulary() -> dict[str, frozenset[str]]:
+    words: dict[str, set[str]] = {}
+    for row in load_dataset():
+        if row["split"] == "train":
+            words.setdefault(row["label"], set()).update(w for w in _WORD.findall(row["text"].lower()) if len(w) > 3)
+    return {label: frozenset(ws) for label, ws in sorted(words.items())}
+
+
+class FakeSequenceClassifier:
+    """A sequence classifier over the shipped label set: logits from word overlap, ties broken stably."""
+
+    def __init__(self, tokenizer: FakeTokenizer) -> None:
+        labels = list(_label_vocabulary())
+        self.tokenizer = tokenizer
+        self.config = SimpleNamespace(
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            model_version="fake-classifier",
+        )
+
+    def eval(self) -> FakeSequenceClassifier:
+        return self
+
+    def to(self, device: str) -> FakeSequenceClassifier:
+        return self
+
+    def __call__(self, input_ids, attention_mask=None, **kwargs) -> SimpleNamespace:
+        vocabulary = _label_vocabulary()
+        logits = []
+        for ids in input_ids:
+            words = set(self.tokenizer.convert_ids_to_tokens([i for i in ids if i >= 1000]))
+            logits.append(
+                [2.0 * len(words & vocabulary[label]) + _stable_fraction(label + " ".join(sorted(words))) for label in vocabulary]
+            )
+        return SimpleNamespace(logits=logits)
+
+
+def fake_sparse_embedding_model() -> LoadedModel:
+    tokenizer = FakeTokenizer()
+    return LoadedModel(FakeBGEM3Model(tokenizer), tokenizer, "cpu")
+
+
+def fake_classification_model() -> LoadedModel:
+    tokenizer = FakeTokenizer()
+    return LoadedModel(FakeSequenceClassifier(tokenizer), tokenizer, "cpu")

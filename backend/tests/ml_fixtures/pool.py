@@ -1,0 +1,107 @@
+"""One process-wide pool of loaded models, keyed by (model, device, dtype).
+
+Every real load in a test run goes through :meth:`ModelPool.acquire`: the cached
+fixtures and the services alike. A model already in the pool is handed out again; a
+new one that would not fit the memory budget first evicts the least recently used.
+The scope policy (``--ml-model-scope``) decides when the plugin calls :meth:`clear`.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from app.ml import LoadedModel, ModelUnavailableError
+from app.ml.loading import model_nbytes
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    model: str
+    device: str = "auto"
+    dtype: str = "default"
+
+    def __str__(self) -> str:
+        return f"{self.model} [{self.device}, {self.dtype}]"
+
+
+@dataclass
+class _Entry:
+    loaded: LoadedModel
+    nbytes: int
+
+
+class ModelPool:
+    """Thread-safe LRU cache of loaded models under a memory budget (bytes)."""
+
+    def __init__(self, memory_budget: int, on_load: Callable | None = None):
+        self.memory_budget = memory_budget
+        #: ``on_load(key, load) -> LoadedModel``: wraps every real load (the recorder times it).
+        self._on_load = on_load or (lambda key, load: load())
+        self._entries: OrderedDict[ModelKey, _Entry] = OrderedDict()
+        self._failures: dict[ModelKey, ModelUnavailableError] = {}
+        self._known_sizes: dict[ModelKey, int] = {}
+        self._lock = threading.RLock()
+        self.evictions: list[ModelKey] = []
+
+    def acquire(self, key: ModelKey, load: Callable[[], LoadedModel]) -> LoadedModel:
+        """The pooled model for ``key``, loading it with ``load()`` the first time."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry.loaded
+            if key in self._failures:  # a missing model is not looked for again in every module
+                raise self._failures[key]
+            self._make_room(self._known_sizes.get(key, 0))
+            try:
+                loaded = self._on_load(key, load)
+            except ModelUnavailableError as exc:
+                self._failures[key] = exc
+                raise
+            nbytes = model_nbytes(loaded.model)
+            self._known_sizes[key] = nbytes
+            self._make_room(nbytes)
+            self._entries[key] = _Entry(loaded, nbytes)
+            return loaded
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(entry.nbytes for entry in self._entries.values())
+
+    def keys(self) -> list[ModelKey]:
+        with self._lock:
+            return list(self._entries)
+
+    def __contains__(self, key: ModelKey) -> bool:
+        return key in self._entries
+
+    def _make_room(self, nbytes: int) -> None:
+        while self._entries and self.used_bytes + nbytes > self.memory_budget:
+            key, _ = self._entries.popitem(last=False)
+            self.evictions.append(key)
+            _release()
+        if nbytes > self.memory_budget:
+            warnings.warn(f"a model of {nbytes / 2**20:.0f} MB exceeds the model memory budget; it is kept alone")
+
+    def clear(self) -> None:
+        """Drop every model (and remembered failure), then free their memory."""
+        with self._lock:
+            had_models = bool(self._entries)
+            self._entries.clear()
+            self._failures.clear()
+        if had_models:
+            _release()
+
+
+def _release() -> None:
+    """Collect what was dropped; return CUDA's cached blocks to the driver."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,97 @@
+"""The load report: every real model load, which test caused it, its time and memory."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import psutil
+
+from app.ml import LoadedModel
+
+
+def _rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+@dataclass
+class LoadRecord:
+    model: str
+    test: str | None
+    #: The loading test's ``ml_model_policy``: "integration" or "unit".
+    policy: str | None
+    seconds: float
+    rss_before_mb: float
+    rss_after_mb: float
+    worker: str = "main"
+
+
+@dataclass
+class LoadRecorder:
+    worker: str = "main"
+    records: list[LoadRecord] = field(default_factory=list)
+    peak_rss_by_worker: dict[str, float] = field(default_factory=dict)
+    current_test: str | None = None
+    current_policy: str | None = None
+
+    def timed_load(self, key: object, load: Callable[[], LoadedModel]) -> LoadedModel:
+        before, start = _rss_mb(), time.perf_counter()
+        loaded = load()
+        seconds = time.perf_counter() - start
+        self.records.append(
+            LoadRecord(str(key), self.current_test, self.current_policy, seconds, before, _rss_mb(), self.worker)
+        )
+        return loaded
+
+    def finish(self) -> None:
+        self.peak_rss_by_worker[self.worker] = peak_rss_mb()
+
+    def to_dict(self) -> dict:
+        per_model: dict[str, dict] = {}
+        for record in self.records:
+            entry = per_model.setdefault(record.model, {"loads": 0, "seconds": 0.0})
+            entry["loads"] += 1
+            entry["seconds"] = round(entry["seconds"] + record.seconds, 3)
+        return {
+            "loads": len(self.records),
+            "load_seconds": round(sum(r.seconds for r in self.records), 3),
+            "peak_rss_mb": round(max(self.peak_rss_by_worker.values(), default=peak_rss_mb()), 1),
+            "per_model": per_model,
+            "outside_integration": [asdict(r) for r in self.records if r.policy != "integration"],
+            "records": [asdict(r) for r in self.records],
+            "peak_rss_mb_by_worker": self.peak_rss_by_worker,
+        }
+
+    def merge(self, data: dict) -> None:
+        """Add a worker's report (pytest-xdist sends it to the controller)."""
+        self.records += [LoadRecord(**r) for r in data["records"]]
+        self.peak_rss_by_worker.update(data["peak_rss_mb_by_worker"])
+
+    def write_json(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    def summary_lines(self) -> list[str]:
+        data = self.to_dict()
+        lines = [
+            f"real model loads: {data['loads']}, {data['load_seconds']:.2f} s loading, "
+            f"peak memory {data['peak_rss_mb']:.0f} MB"
+        ]
+        if data["per_model"]:
+            width = max(len(m) for m in data["per_model"])
+            lines.append(f"  {'model'.ljust(width)}  loads  seconds")
+            for model, entry in sorted(data["per_model"].items()):
+                lines.append(f"  {model.ljust(width)}  {entry['loads']:5d}  {entry['seconds']:7.2f}")
+        for record in data["outside_integration"]:
+            lines.append(f"  outside the integration tree: {record['test']} loaded {record['model']}")
+        return lines
