@@ -63,6 +63,7 @@ def _marked(item: pytest.Item) -> bool:
 def cached_model(request: pytest.FixtureRequest, kind: ModelKind, policy: str) -> LoadedModel:
     """What a cached fixture yields: the pooled model, or an :class:`UnavailableModel`."""
     item = request._pyfuncitem  # the test that set the fixture up, also under module scope
+    request.config.stash[recorder_key].current_policy = policy
     if policy == "unit" and not _marked(item):
         pytest.fail(guard.blocked_message(item.nodeid, kind.fixture), pytrace=False)
     try:
