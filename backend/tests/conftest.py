@@ -28,7 +28,7 @@ from app.services.sparse_embedding_service import SparseEmbeddingService
 from ml_fixtures import plugin
 from ml_fixtures.catalog import CLASSIFIER, SPARSE
 
-pytest_plugins = ("ml_fixtures.plugin",)
+pytest_plugins = ("ml_fixtures.plugin", "pytester")
 
 
 @pytest.fixture(scope="session")

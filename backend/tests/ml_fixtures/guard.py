@@ -9,6 +9,7 @@ unit run no import.
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import sys
 from collections.abc import Callable
@@ -68,20 +69,35 @@ class _PatchingLoader(importlib.abc.Loader):
         self.patch(module)
 
 
-def install(monkeypatch: pytest.MonkeyPatch, test: str) -> None:
+def _blocking(original, what: str, test: str, active: Callable[[], bool]):
+    """A stand-in that fails while the guard is active and defers to ``original`` after.
+
+    Deferring matters: a library may copy a loader while it is patched (transformers copies
+    ``from_pretrained`` into each Auto class as it creates it), and that copy outlives the test.
+    """
+    if isinstance(original, (classmethod, staticmethod)):
+        return type(original)(_blocking(original.__func__, what, test, active))
+
+    @functools.wraps(original)
+    def blocked(*args, **kwargs):
+        if active():
+            pytest.fail(blocked_message(test, what), pytrace=False)
+        return original(*args, **kwargs)
+
+    return blocked
+
+
+def install(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Block every loader in :data:`LOADERS` for the current test (undone with ``monkeypatch``)."""
+    test, active = request.node.nodeid, [True]
+    request.addfinalizer(active.clear)
 
     def patch_module(module: ModuleType) -> None:
         for attribute in LOADERS[module.__name__]:
             owner_name, _, name = attribute.rpartition(".")
             owner = getattr(module, owner_name) if owner_name else module
-            what = f"{module.__name__}.{attribute}"
-
-            def blocked(*args, _what=what, **kwargs):
-                pytest.fail(blocked_message(test, _what), pytrace=False)
-
-            original = owner.__dict__.get(name) if isinstance(owner, type) else None
-            monkeypatch.setattr(owner, name, classmethod(blocked) if isinstance(original, classmethod) else blocked)
+            original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+            monkeypatch.setattr(owner, name, _blocking(original, f"{module.__name__}.{attribute}", test, lambda: bool(active)))
 
     pending = {}
     for module_name in LOADERS:

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from app import config as app_config
 from app.ml import LoadedModel, ModelUnavailableError
 from ml_fixtures import guard
 from ml_fixtures.catalog import KINDS, ModelKind
@@ -34,11 +35,13 @@ def pytest_configure(config: pytest.Config) -> None:
     # Model hubs are never reached from tests: the resolver uses local files only.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Pinned for child processes too (pytester moves HOME), so models are built once per machine.
+    os.environ.setdefault("ML_MODEL_CACHE_DIR", str(app_config.model_cache_dir()))
     settings = Settings.from_config(config)
     recorder = LoadRecorder(worker=os.environ.get("PYTEST_XDIST_WORKER", "main"))
     config.stash[settings_key] = settings
     config.stash[recorder_key] = recorder
-    config.stash[pool_key] = ModelPool(settings.memory_budget, on_load=recorder.timed_load)
+    config.stash[pool_key] = ModelPool(settings.memory_budget, on_load=recorder.timed_load, on_evict=recorder.evicted)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistReport(recorder), "ml-models-xdist")
 
@@ -90,10 +93,11 @@ def route_model_loads(request: pytest.FixtureRequest, monkeypatch: pytest.Monkey
     for kind in KINDS:
         monkeypatch.setattr(kind.service, "_load_model", lambda self, k=kind: k.make_fake())
     if policy == "unit":
-        guard.install(monkeypatch, item.nodeid)
+        guard.install(request, monkeypatch)
         request.getfixturevalue("socket_disabled")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Group tests by the cached model they use, so that ``--dist loadgroup`` loads it once."""
     for item in items:

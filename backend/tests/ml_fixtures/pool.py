@@ -39,15 +39,22 @@ class _Entry:
 class ModelPool:
     """Thread-safe LRU cache of loaded models under a memory budget (bytes)."""
 
-    def __init__(self, memory_budget: int, on_load: Callable | None = None):
+    def __init__(
+        self,
+        memory_budget: int,
+        on_load: Callable | None = None,
+        on_evict: Callable[[ModelKey], None] | None = None,
+        size_of: Callable[[object], int] = model_nbytes,
+    ):
         self.memory_budget = memory_budget
+        self._on_evict = on_evict or (lambda key: None)
+        self._size_of = size_of
         #: ``on_load(key, load) -> LoadedModel``: wraps every real load (the recorder times it).
         self._on_load = on_load or (lambda key, load: load())
         self._entries: OrderedDict[ModelKey, _Entry] = OrderedDict()
         self._failures: dict[ModelKey, ModelUnavailableError] = {}
         self._known_sizes: dict[ModelKey, int] = {}
         self._lock = threading.RLock()
-        self.evictions: list[ModelKey] = []
 
     def acquire(self, key: ModelKey, load: Callable[[], LoadedModel]) -> LoadedModel:
         """The pooled model for ``key``, loading it with ``load()`` the first time."""
@@ -64,7 +71,7 @@ class ModelPool:
             except ModelUnavailableError as exc:
                 self._failures[key] = exc
                 raise
-            nbytes = model_nbytes(loaded.model)
+            nbytes = self._size_of(loaded.model)
             self._known_sizes[key] = nbytes
             self._make_room(nbytes)
             self._entries[key] = _Entry(loaded, nbytes)
@@ -84,7 +91,7 @@ class ModelPool:
     def _make_room(self, nbytes: int) -> None:
         while self._entries and self.used_bytes + nbytes > self.memory_budget:
             key, _ = self._entries.popitem(last=False)
-            self.evictions.append(key)
+            self._on_evict(key)
             _release()
         if nbytes > self.memory_budget:
             warnings.warn(f"a model of {nbytes / 2**20:.0f} MB exceeds the model memory budget; it is kept alone")

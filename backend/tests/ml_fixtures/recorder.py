@@ -41,6 +41,7 @@ class LoadRecorder:
     worker: str = "main"
     records: list[LoadRecord] = field(default_factory=list)
     peak_rss_by_worker: dict[str, float] = field(default_factory=dict)
+    evictions: list[str] = field(default_factory=list)
     current_test: str | None = None
     current_policy: str | None = None
 
@@ -52,6 +53,9 @@ class LoadRecorder:
             LoadRecord(str(key), self.current_test, self.current_policy, seconds, before, _rss_mb(), self.worker)
         )
         return loaded
+
+    def evicted(self, key: object) -> None:
+        self.evictions.append(f"{key} (for {self.current_test})")
 
     def finish(self) -> None:
         self.peak_rss_by_worker[self.worker] = peak_rss_mb()
@@ -69,6 +73,7 @@ class LoadRecorder:
             "per_model": per_model,
             "outside_integration": [asdict(r) for r in self.records if r.policy != "integration"],
             "records": [asdict(r) for r in self.records],
+            "evictions": self.evictions,
             "peak_rss_mb_by_worker": self.peak_rss_by_worker,
         }
 
@@ -76,6 +81,7 @@ class LoadRecorder:
         """Add a worker's report (pytest-xdist sends it to the controller)."""
         self.records += [LoadRecord(**r) for r in data["records"]]
         self.peak_rss_by_worker.update(data["peak_rss_mb_by_worker"])
+        self.evictions += data["evictions"]
 
     def write_json(self, path: str) -> None:
         with open(path, "w") as f:
@@ -85,7 +91,7 @@ class LoadRecorder:
         data = self.to_dict()
         lines = [
             f"real model loads: {data['loads']}, {data['load_seconds']:.2f} s loading, "
-            f"peak memory {data['peak_rss_mb']:.0f} MB"
+            f"peak memory {data['peak_rss_mb']:.0f} MB, {len(self.evictions)} evictions"
         ]
         if data["per_model"]:
             width = max(len(m) for m in data["per_model"])

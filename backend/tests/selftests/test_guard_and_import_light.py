@@ -1,0 +1,89 @@
+"""The unit-tree guard's message, real loads reported outside integration, and import-light unit runs."""
+
+import json
+
+from selftests.conftest import REPO, TESTS
+
+GUARDED = """
+    import pytest
+    from app.services.sparse_embedding_service import SparseEmbeddingService
+
+    def test_app_loader():
+        from app.ml import loading
+        loading.load_sparse_embedding_model()
+
+    def test_torch_load(tmp_path):
+        import torch  # imported after the guard was installed: patched on import
+        torch.load(tmp_path / "weights.pt", weights_only=True)
+
+    def test_from_pretrained():
+        from transformers import AutoModel
+        AutoModel.from_pretrained("BAAI/bge-m3")
+
+    def test_flag_embedding():
+        from FlagEmbedding import BGEM3FlagModel
+        BGEM3FlagModel("BAAI/bge-m3")
+
+    def test_cached_fixture(sparse_embedding_model_cached):
+        pass
+
+    @pytest.mark.use_real_models
+    def test_marked_may_load(test_db):
+        assert SparseEmbeddingService(test_db).generate_embedding("python")
+"""
+
+
+def test_real_loads_in_unit_trees_fail_naming_the_marker(ml_tree):
+    ml_tree.write("unit/test_guarded.py", GUARDED)
+    result = ml_tree.run()
+    result.assert_outcomes(failed=4, errors=1, passed=1)
+    for what in [
+        "app.ml.loading.load_sparse_embedding_model",
+        "torch.load",
+        "transformers.models.auto.auto_factory._BaseAutoModelClass.from_pretrained",
+        "FlagEmbedding.inference.embedder.encoder_only.m3.M3Embedder.__init__",
+        "sparse_embedding_model_cached",
+    ]:
+        result.stdout.fnmatch_lines(
+            [
+                f"Real model load not allowed in this test: unit/test_guarded.py::* called {what}.",
+                "Tests in backend/tests/unit/ and backend/tests/services/ run on fake models *",
+                "Mark the test with @pytest.mark.use_real_models to load real models, *",
+            ]
+        )
+    result.stdout.fnmatch_lines(
+        ["*outside the integration tree: unit/test_guarded.py::test_marked_may_load loaded BAAI/bge-m3*"]
+    )
+    outside = ml_tree.loads()["outside_integration"]
+    assert [r["test"] for r in outside] == ["unit/test_guarded.py::test_marked_may_load"]
+
+
+def test_the_unit_and_services_trees_never_import_ml_libraries(ml_tree):
+    ml_tree.write(
+        "heavy_import_probe.py",
+        """
+        import json, os, sys
+
+        HEAVY = ("torch", "transformers", "FlagEmbedding")
+
+        def _write(stage):
+            with open(os.environ["PROBE_OUT"], "a") as f:
+                f.write(json.dumps([stage, sorted(m for m in HEAVY if m in sys.modules)]) + "\\n")
+
+        def pytest_collection_finish(session):
+            _write("collection")
+
+        def pytest_sessionfinish(session):
+            _write("session")
+        """,
+    )
+    probe = ml_tree.root / "probe.jsonl"
+    result = ml_tree.run(
+        "-p", "heavy_import_probe", "-c", str(REPO / "pytest.ini"), "--rootdir", str(REPO),
+        str(TESTS / "unit"), str(TESTS / "services"),
+        PROBE_OUT=str(probe),
+    )
+    assert result.ret == 0
+    stages = [json.loads(line) for line in probe.read_text().splitlines()]
+    assert stages == [["collection", []], ["session", []]]
+    assert ml_tree.loads()["loads"] == 0
