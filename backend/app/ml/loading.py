@@ -20,8 +20,12 @@ class LoadedModel(NamedTuple):
     device: str
 
 
-def select_device(device: str | None = None) -> str:
-    """``device`` if given, else CUDA where available, else CPU."""
+def select_device(device: str | None = None, dtype: str | None = None) -> str:
+    """``device`` if given, else CUDA where available, else CPU; int8 (dynamic) runs on CPU only."""
+    if dtype == "int8":
+        if device and device != "cpu":
+            raise ValueError(f"dynamic int8 quantization runs on the CPU, not {device}")
+        return "cpu"
     if device:
         return device
     import torch
@@ -56,7 +60,7 @@ def load_sparse_embedding_model(
 ) -> LoadedModel:
     """BGE-M3 through FlagEmbedding's ``BGEM3FlagModel`` from a local directory."""
     path = _checked_path(SPARSE_EMBEDDING, path)
-    device = select_device(device)
+    device = select_device(device, dtype)
     try:
         _quiet_transformers()
         from FlagEmbedding import BGEM3FlagModel
@@ -76,7 +80,7 @@ def load_classification_model(
 ) -> LoadedModel:
     """A fine-tuned sequence classifier through transformers' Auto classes."""
     path = _checked_path(CLASSIFICATION, path)
-    device = select_device(device)
+    device = select_device(device, dtype)
     try:
         import torch
 
@@ -101,12 +105,19 @@ def load_classification_model(
 def quantize_dynamic_int8(module):
     """Dynamic int8 quantization of the linear layers, for CPU inference.
 
-    Uses ``torch.ao.quantization.quantize_dynamic``, the eager-mode API of the pinned torch.
+    ``torch.ao.quantization.quantize_dynamic`` of the pinned torch (2.13). It warns that it is
+    deprecated in favour of torchao, but torchao 0.18's ``Int8DynamicActivationInt8WeightConfig``
+    has no fast CPU kernel (27x slower than fp32 here), while this is faster than fp32.
     """
+    import warnings
+
     import torch
     from torch.ao.quantization import quantize_dynamic
 
-    return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+        return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def model_nbytes(model: Any) -> int:

@@ -48,6 +48,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="write the real-model load report (loads, seconds, memory) as JSON to PATH",
     )
     group.addoption(
+        "--ml-quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="int8: load real models with dynamic int8 quantization of their linear layers (CPU only)",
+    )
+    group.addoption(
+        "--ml-model-cache-dir",
+        default=None,
+        metavar="DIR",
+        help="where the embedded test models are built and kept across runs "
+        "(default: $ML_MODEL_CACHE_DIR, else ~/.cache/backend-ml-models)",
+    )
+    group.addoption(
         "--ml-device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
@@ -61,6 +74,8 @@ class Settings:
     memory_budget: int
     report_path: str | None
     device: str | None
+    #: None (fp16 on CUDA, fp32 on CPU) or "int8".
+    dtype: str | None
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Settings:
@@ -70,4 +85,5 @@ class Settings:
             memory_budget=parse_size(config.getoption("ml_model_memory_budget")),
             report_path=config.getoption("ml_model_report"),
             device=None if device == "auto" else device,
+            dtype=None if config.getoption("ml_quantize") == "none" else config.getoption("ml_quantize"),
         )

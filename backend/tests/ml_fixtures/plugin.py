@@ -36,6 +36,8 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     # Pinned for child processes too (pytester moves HOME), so models are built once per machine.
+    if config.getoption("ml_model_cache_dir"):
+        os.environ["ML_MODEL_CACHE_DIR"] = config.getoption("ml_model_cache_dir")
     os.environ.setdefault("ML_MODEL_CACHE_DIR", str(app_config.model_cache_dir()))
     settings = Settings.from_config(config)
     recorder = LoadRecorder(worker=os.environ.get("PYTEST_XDIST_WORKER", "main"))
@@ -55,8 +57,8 @@ def pool_model(config: pytest.Config, kind: ModelKind, path: object = None) -> L
     """``kind``'s real model from the pool (loaded there on first use)."""
     settings = config.stash[settings_key]
     model = kind.model_name if path is None else f"{kind.model_name} @ {path}"
-    key = ModelKey(model, settings.device or "auto", "default")
-    return config.stash[pool_key].acquire(key, lambda: kind.load_real(path, settings.device, None))
+    key = ModelKey(model, settings.device or "auto", settings.dtype or "default")
+    return config.stash[pool_key].acquire(key, lambda: kind.load_real(path, settings.device, settings.dtype))
 
 
 def _marked(item: pytest.Item) -> bool:

@@ -56,11 +56,11 @@ def test_weights_are_positive_for_every_real_token(service, sparse_embedding_mod
     assert not set(weights) & set(tokenizer.all_special_tokens)
 
 
-def test_batch_equals_single_calls(service):
+def test_batch_equals_single_calls(service, model_output_tolerance):
     texts = ["The striker scored twice", "", "Preheat the oven and bake the bread for forty minutes"]
     for batched, single in zip(service.generate_embeddings(texts), [service.generate_embedding(t) for t in texts]):
         assert batched.keys() == single.keys()
-        assert batched == pytest.approx(single, abs=1e-5)
+        assert batched == pytest.approx(single, abs=model_output_tolerance)
 
 
 @pytest.mark.parametrize(

@@ -43,12 +43,12 @@ def test_confidences_are_a_softmax_over_all_labels(service):
     assert confidences == sorted(confidences, reverse=True)
 
 
-def test_batch_equals_single_calls(service):
+def test_batch_equals_single_calls(service, model_output_tolerance):
     texts = ["Boil the pasta in salted water", "The central bank raised interest rates"]
     for batched, single in zip(service.predict_batch(texts), [service.predict(t) for t in texts]):
         assert [p.label for p in batched.predictions] == [p.label for p in single.predictions]
         assert [p.confidence for p in batched.predictions] == pytest.approx(
-            [p.confidence for p in single.predictions], abs=1e-4
+            [p.confidence for p in single.predictions], abs=model_output_tolerance
         )
 
 
