@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import configparser
 import json
 import os
-import shutil
 import textwrap
 from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parents[1]
-BACKEND = TESTS.parent
-REPO = BACKEND.parent
+from ml_fixtures import scaffold
+
+TESTS, REPO = scaffold.TESTS, scaffold.REPO
 
 
 class MLTree:
@@ -21,18 +19,9 @@ class MLTree:
 
     def __init__(self, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
         self.pytester, self.monkeypatch = pytester, monkeypatch
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(BACKEND), str(TESTS), str(pytester.path)]))
         self.root = pytester.path
-        markers = configparser.ConfigParser()
-        markers.read(REPO / "pytest.ini")
-        self.root.joinpath("pytest.ini").write_text(
-            "[pytest]\naddopts = --strict-markers -p no:cacheprovider\n"
-            "markers =" + markers["pytest"]["markers"].replace("\n", "\n    ") + "\n"
-        )
-        shutil.copy(TESTS / "conftest.py", self.root / "conftest.py")
-        for tree in ("unit", "services", "integration"):
-            (self.root / tree).mkdir()
-            shutil.copy(TESTS / tree / "conftest.py", self.root / tree / "conftest.py")
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(scaffold.python_path(self.root)))
+        scaffold.lay_out(self.root)
 
     def write(self, relpath: str, source: str) -> Path:
         path = self.root / relpath

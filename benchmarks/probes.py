@@ -1,0 +1,112 @@
+"""Measurements in a bare process (no pytest): the import and load floor, and int8 against fp32.
+
+Run as ``python benchmarks/probes.py floor|quantize N``; prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
+
+
+def _timed(function):
+    start = time.perf_counter()
+    value = function()
+    return value, time.perf_counter() - start
+
+
+def floor(calls: int) -> dict:
+    """Import the ML libraries, load each model once, then make the suite's model calls."""
+
+    def imports():
+        import FlagEmbedding  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+    from app.ml import loading
+    from app.services.ml_classification_service import MLClassificationService
+    from app.services.sparse_embedding_service import SparseEmbeddingService
+
+    _, import_s = _timed(imports)
+    sparse, sparse_s = _timed(loading.load_sparse_embedding_model)
+    classifier, classifier_s = _timed(loading.load_classification_model)
+    sparse_service, classifier_service = _fixed(SparseEmbeddingService, sparse), _fixed(MLClassificationService, classifier)
+    _, inference_s = _timed(
+        lambda: [
+            (sparse_service.generate_embedding(f"python programming lesson {i}"), classifier_service.predict(f"goal {i}"))
+            for i in range(calls)
+        ]
+    )
+    return {
+        "import_s": import_s,
+        "load_sparse_s": sparse_s,
+        "load_classifier_s": classifier_s,
+        "inference_s": inference_s,
+        "calls": calls,
+    }
+
+
+def _fixed(service_class, loaded):
+    """A service whose loading seam returns ``loaded``."""
+    service = service_class(db=None)
+    service._load_model = lambda: loaded
+    return service
+
+
+def quantize(repeats: int) -> dict:
+    """fp32 against int8: load and inference time, top-1 agreement, top-10 search overlap."""
+    from app.ml import loading
+    from app.ml.embedded import load_dataset
+    from app.services.ml_classification_service import MLClassificationService
+    from app.services.sparse_embedding_service import SparseEmbeddingService
+
+    loading.load_sparse_embedding_model()  # warm imports and file cache before timing either
+    rows = load_dataset()
+    texts = [row["text"] for row in rows]
+    queries = [row["text"] for row in rows if row["split"] == "test"]
+    results = {}
+    for dtype in ("fp32", "int8"):
+        sparse, sparse_load = _timed(lambda: loading.load_sparse_embedding_model(device="cpu", dtype=dtype))
+        classifier, classifier_load = _timed(lambda: loading.load_classification_model(device="cpu", dtype=dtype))
+        sparse_service, classifier_service = _fixed(SparseEmbeddingService, sparse), _fixed(MLClassificationService, classifier)
+        sparse_times, classifier_times = [], []
+        for _ in range(repeats):
+            documents, seconds = _timed(lambda: sparse_service.generate_embeddings(texts))
+            sparse_times.append(seconds)
+            predictions, seconds = _timed(lambda: classifier_service.predict_batch(texts, top_k=1))
+            classifier_times.append(seconds)
+        query_vectors = sparse_service.generate_embeddings(queries)
+        top10 = [
+            sorted(range(len(documents)), key=lambda d: -SparseEmbeddingService.lexical_score(q, documents[d]))[:10]
+            for q in query_vectors
+        ]
+        results[dtype] = {
+            "load_sparse_s": sparse_load,
+            "load_classifier_s": classifier_load,
+            "sparse_encode_s": statistics.median(sparse_times),
+            "classify_s": statistics.median(classifier_times),
+            "top1": [p.top.label for p in predictions],
+            "top10": top10,
+            "accuracy": sum(p.top.label == row["label"] for p, row in zip(predictions, rows)) / len(rows),
+        }
+    fp32, int8 = results["fp32"], results["int8"]
+    agreement = sum(a == b for a, b in zip(fp32.pop("top1"), int8.pop("top1"))) / len(texts)
+    overlaps = [len(set(a) & set(b)) / 10 for a, b in zip(fp32.pop("top10"), int8.pop("top10"))]
+    return {
+        "texts": len(texts),
+        "queries": len(queries),
+        "fp32": fp32,
+        "int8": int8,
+        "top1_agreement": agreement,
+        "top10_overlap": statistics.mean(overlaps),
+    }
+
+
+if __name__ == "__main__":
+    probe, number = sys.argv[1], int(sys.argv[2])
+    print(json.dumps({"floor": floor, "quantize": quantize}[probe](number)))

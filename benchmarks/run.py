@@ -1,0 +1,193 @@
+"""Benchmark of the ML fixture library: `make bench` (or `python benchmarks/run.py --help`).
+
+Every configuration runs in fresh processes, the configurations alternating (A B C A B C ...),
+and the table quotes the median with min and max. Results go to benchmarks/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path[:0] = [str(REPO / "backend"), str(REPO / "backend" / "tests"), str(HERE)]
+
+from ml_fixtures import scaffold  # noqa: E402
+from suite import PEER_FIXTURES, Sizes, generate, generate_bare_unit  # noqa: E402
+
+PACKAGES = ("torch", "transformers", "FlagEmbedding", "pytest", "pytest-xdist", "SQLAlchemy")
+
+
+def run_pytest(root: Path, args: list[str]) -> dict:
+    """One fresh pytest process: wall seconds and the load probe's numbers, summed over processes."""
+    probe_out = root / "probe.jsonl"
+    probe_out.unlink(missing_ok=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(scaffold.python_path(HERE)),
+        "BENCH_PROBE_OUT": str(probe_out),
+    }
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "load_probe", *args]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed in {root}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    processes = [json.loads(line) for line in probe_out.read_text().splitlines()]
+    return {
+        "wall_s": wall,
+        "loads": sum(p["loads"] for p in processes),
+        "load_s": sum(p["load_s"] for p in processes),
+        "peak_rss_mb": max(p["peak_rss_mb"] for p in processes),
+        "torch_imported": any("torch" in p["heavy_imported"] for p in processes),
+    }
+
+
+def run_probe(name: str, number: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(scaffold.python_path())}
+    done = subprocess.run(
+        [sys.executable, str(HERE / "probes.py"), name, str(number)], env=env, capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def summarize(runs: list[dict]) -> dict:
+    summary = {}
+    for field in ("wall_s", "loads", "load_s", "peak_rss_mb"):
+        values = [run[field] for run in runs]
+        summary[field] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    summary["torch_imported"] = any(run["torch_imported"] for run in runs)
+    summary["runs"] = runs
+    return summary
+
+
+def configurations(workdir: Path, sizes: Sizes) -> dict[str, tuple[Path, list[str]]]:
+    pooled, peer, bare = workdir / "pooled", workdir / "peer", workdir / "bare"
+    for path in (pooled, peer, bare):
+        path.mkdir()
+    generate(pooled, sizes)
+    generate(peer, sizes, integration_fixtures=PEER_FIXTURES)
+    generate_bare_unit(bare, sizes)
+    return {
+        "scope=function": (pooled, ["--ml-model-scope=function"]),
+        "scope=module": (pooled, ["--ml-model-scope=module"]),
+        "scope=session": (pooled, ["--ml-model-scope=session"]),
+        "peer: session model + deepcopy per test": (peer, []),
+        "unit trees, fixture library": (pooled, ["unit"]),
+        "unit trees, no fixture library": (bare, ["unit"]),
+        "integration, -n 0": (pooled, ["integration", "-n", "0"]),
+        "integration, -n 2 --dist loadgroup": (pooled, ["integration", "-n", "2", "--dist", "loadgroup"]),
+    }
+
+
+def _range(stat: dict, digits: int = 1) -> str:
+    return f"{stat['median']:.{digits}f} [{stat['min']:.{digits}f}–{stat['max']:.{digits}f}]"
+
+
+def markdown(results: dict) -> str:
+    configs, sizes = results["configurations"], Sizes(**results["sizes"])
+    function_wall = configs["scope=function"]["wall_s"]["median"]
+    lines = [
+        f"Suite: {sizes.integration_tests} integration tests ({sizes.sparse_modules} sparse + "
+        f"{sizes.classifier_modules} classifier modules), {sizes.unit_tests} unit tests; "
+        f"{results['runs']} runs each, alternating; median [min–max]. "
+        f"{results['machine']['cpu_count']} CPUs, {results['date']}.",
+        "",
+        "| configuration | wall s | real loads | load s | peak RSS MB | wall / function |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, c in configs.items():
+        ratio = c["wall_s"]["median"] / function_wall
+        lines.append(
+            f"| {name} | {_range(c['wall_s'])} | {_range(c['loads'], 0)} | {_range(c['load_s'])} | "
+            f"{_range(c['peak_rss_mb'], 0)} | {ratio:.2f} |"
+        )
+    with_lib, without = configs["unit trees, fixture library"], configs["unit trees, no fixture library"]
+    floor = results["floor"]
+    floor_total = floor["import_s"] + floor["load_sparse_s"] + floor["load_classifier_s"] + floor["inference_s"]
+    integration = configs["integration, -n 0"]["wall_s"]["median"]
+    lines += [
+        "",
+        f"Unit speed (process wall / {sizes.unit_tests} tests): fixture library "
+        f"{1000 * with_lib['wall_s']['median'] / sizes.unit_tests:.1f} ms/test, torch imported: "
+        f"{'yes' if with_lib['torch_imported'] else 'no'}; no fixture library "
+        f"{1000 * without['wall_s']['median'] / sizes.unit_tests:.1f} ms/test, torch imported: "
+        f"{'yes' if without['torch_imported'] else 'no'}.",
+        "",
+        f"Floor in a bare process: import torch + transformers + FlagEmbedding {floor['import_s']:.2f} s, "
+        f"load BGE-M3 {floor['load_sparse_s']:.2f} s, load classifier {floor['load_classifier_s']:.2f} s, "
+        f"{floor['calls']} calls of each model {floor['inference_s']:.2f} s: {floor_total:.2f} s. "
+        f"The integration part at scope=session (-n 0) takes {integration:.2f} s, "
+        f"{integration - floor_total:.2f} s above that floor (interpreter, pytest, collection, database).",
+    ]
+    q = results.get("quantize")
+    if q:
+        lines += [
+            "",
+            f"Quantized (int8, CPU) against fp32, on the shipped dataset ({q['texts']} texts, {q['queries']} queries):",
+            "",
+            "| | load BGE-M3 s | load classifier s | encode all s | classify all s | classifier accuracy |",
+            "|---|---|---|---|---|---|",
+        ]
+        for dtype in ("fp32", "int8"):
+            d = q[dtype]
+            lines.append(
+                f"| {dtype} | {d['load_sparse_s']:.2f} | {d['load_classifier_s']:.2f} | {d['sparse_encode_s']:.2f} | "
+                f"{d['classify_s']:.2f} | {d['accuracy']:.3f} |"
+            )
+        lines += [
+            "",
+            f"Top-1 classification agreement int8 vs fp32: {q['top1_agreement']:.3f}; "
+            f"mean overlap of top-10 sparse search results: {q['top10_overlap']:.3f}.",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3, help="runs of each configuration (default 3)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes and one run: checks that it works")
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "latest.json")
+    args = parser.parse_args(argv)
+    sizes = Sizes(2, 1, 2, 2, 2) if args.smoke else Sizes()
+    runs = 1 if args.smoke else args.runs
+
+    with tempfile.TemporaryDirectory(prefix="ml-bench-") as tmp:
+        configs = configurations(Path(tmp), sizes)
+        raw: dict[str, list[dict]] = {name: [] for name in configs}
+        for run in range(runs):
+            for name, (root, pytest_args) in configs.items():
+                raw[name].append(run_pytest(root, pytest_args))
+                print(f"run {run + 1}/{runs} {name}: {raw[name][-1]['wall_s']:.1f} s", file=sys.stderr)
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "command": "make bench" if not argv else f"python benchmarks/run.py {' '.join(argv)}",
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "packages": {name: importlib.metadata.version(name) for name in PACKAGES},
+        "sizes": asdict(sizes),
+        "runs": runs,
+        "configurations": {name: summarize(r) for name, r in raw.items()},
+        "floor": run_probe("floor", sizes.integration_tests),
+        "quantize": run_probe("quantize", 1 if args.smoke else 3),
+    }
+    results["markdown"] = markdown(results)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(results["markdown"])
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or None)
