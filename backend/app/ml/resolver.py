@@ -23,26 +23,26 @@ class ModelSource:
     name: str
     env_var: str
     required_files: tuple[str, ...]
-    #: Builds (once) and returns the embedded default, or None where there is none.
-    embedded: Callable[[], Path] | None = None
+    #: ``embedded(build)``: the embedded default's directory (built once if ``build``), or None.
+    embedded: Callable[[bool], Path] | None = None
 
     def missing_files(self, path: Path) -> list[str]:
         return [f for f in self.required_files if not (path / f).is_file()]
 
 
-def _sparse_embedded() -> Path:
+def _sparse_embedded(build: bool = True) -> Path:
     from app.ml.embedded import embedded_bge_m3_dir
 
-    return embedded_bge_m3_dir()
+    return embedded_bge_m3_dir(build=build)
 
 
-def _classifier_embedded() -> Path:
+def _classifier_embedded(build: bool = True) -> Path:
     from app.ml.embedded import embedded_classifier_dir
 
-    return embedded_classifier_dir()
+    return embedded_classifier_dir(build=build)
 
 
-def _minilm_packaged() -> Path:
+def _minilm_packaged(build: bool = True) -> Path:
     from app.ml.embedded import packaged_minilm_dir
 
     return packaged_minilm_dir()
@@ -82,8 +82,11 @@ def _download(name: str) -> Path:
     return Path(snapshot_download(repo_id=name))
 
 
-def resolve_model_path(source: ModelSource) -> Path:
-    """The local directory holding ``source``'s model; raises ModelUnavailableError."""
+def resolve_model_path(source: ModelSource, build: bool = True) -> Path:
+    """The local directory holding ``source``'s model; raises ModelUnavailableError.
+
+    ``build=False`` takes the embedded default only if it is already built (no torch import).
+    """
     attempts: list[str] = []
 
     explicit = os.environ.get(source.env_var)
@@ -111,7 +114,7 @@ def resolve_model_path(source: ModelSource) -> Path:
 
     if source.embedded is not None:
         try:
-            return source.embedded()
+            return source.embedded(build)
         except ModelUnavailableError:
             raise
         except Exception as exc:

@@ -11,8 +11,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app import config
-from app.ml import loading
-from app.ml import CLASSIFICATION_BASE, LoadedModel, resolve_model_path
+from app.ml import CLASSIFICATION_BASE, LoadedModel, loading, resolve_model_path
 from app.ml.loading import inference_context
 from app.models import Category, ResourceClassification
 from app.services.common import atomic, get_resource, require_positive_int, require_texts
@@ -105,18 +104,18 @@ class MLClassificationService:
             return []
         labels, version = self.labels, self.model_version
         results = []
-        for row in self._probabilities(texts):
-            ranked = sorted(zip(labels, row), key=lambda pair: -pair[1])[:top_k]
+        for logits in self._logits(texts):
+            ranked = sorted(zip(labels, softmax(logits)), key=lambda pair: -pair[1])[:top_k]
             results.append(ClassificationResult([LabelPrediction(l, c) for l, c in ranked], version))
         return results
 
-    def _probabilities(self, texts: list[str]) -> list[list[float]]:
+    def _logits(self, texts: list[str]) -> list[list[float]]:
+        """The model call: one row of logits per text, in label-id order."""
         model, tokenizer, device = self.loaded
         inputs = tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         with inference_context():
             logits = model(**inputs.to(device)).logits
-        rows = logits.float().cpu().tolist() if hasattr(logits, "cpu") else logits
-        return [softmax(row) for row in rows]
+        return logits.float().cpu().tolist() if hasattr(logits, "cpu") else logits
 
     def classify_resource(self, resource_id: int, top_k: int = 3) -> ClassificationResult:
         """Predict a resource's labels and store them, replacing earlier ones."""

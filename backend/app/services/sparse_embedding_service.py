@@ -7,8 +7,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.ml import loading
-from app.ml import SPARSE_EMBEDDING, LoadedModel
+from app.ml import SPARSE_EMBEDDING, LoadedModel, loading
 from app.models import ResourceSparseEmbedding
 from app.services.common import atomic, get_resource, require_positive_int, require_text, require_texts
 
@@ -48,30 +47,26 @@ class SparseEmbeddingService:
         todo = [i for i, text in enumerate(texts) if text.strip()]
         if not todo:
             return results
+        special = set(self.loaded.tokenizer.all_special_tokens)
+        for i, weights in zip(todo, self._lexical_weights([texts[i] for i in todo])):
+            results[i] = {token: weight for token, weight in weights.items() if token not in special and weight > 0}
+        return results
+
+    def _lexical_weights(self, texts: list[str]) -> list[dict[str, float]]:
+        """The model call: BGE-M3's lexical weights of each text, token -> weight, as the model gives them."""
         model, tokenizer, _ = self.loaded
         output = model.encode(
-            [texts[i] for i in todo],
+            texts,
             batch_size=self.batch_size,
             max_length=min(self.max_length, tokenizer.model_max_length),
             return_dense=False,
             return_sparse=True,
             return_colbert_vecs=False,
         )
-        special_ids = set(tokenizer.all_special_ids)
-        for i, weights in zip(todo, output["lexical_weights"]):
-            results[i] = self._tokens_and_weights(weights, tokenizer, special_ids)
-        return results
-
-    @staticmethod
-    def _tokens_and_weights(weights: dict, tokenizer, special_ids: set[int]) -> dict[str, float]:
-        tokens: dict[str, float] = {}
-        for token_id, weight in weights.items():
-            token_id, weight = int(token_id), float(weight)
-            if token_id in special_ids or weight <= 0:
-                continue
-            token = tokenizer.convert_ids_to_tokens(token_id)
-            tokens[token] = max(weight, tokens.get(token, 0.0))
-        return tokens
+        return [
+            {tokenizer.convert_ids_to_tokens(int(token_id)): float(weight) for token_id, weight in weights.items()}
+            for weights in output["lexical_weights"]
+        ]
 
     def embed_resource(self, resource_id: int) -> dict[str, float]:
         """Compute and store the sparse vector of a resource; returns it."""

@@ -4,7 +4,9 @@
 weights for the text's own tokens, keyed by token id. ``FakeSequenceClassifier`` answers
 like a transformers sequence classifier: logits over the real label set of the shipped
 dataset, favouring the label whose training texts share the most words with the input.
-``test_fakes_match_real_interfaces`` (integration tree) checks them against the real classes.
+Both replay a real model's recorded output for a text that a cassette holds (``replay``:
+text -> output, see ``cassettes.py``). ``test_fakes_match_real_interfaces`` (integration tree)
+checks them against the real classes.
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ class FakeTokenizer:
 
     def __init__(self) -> None:
         self._tokens_by_id = {i: t for t, i in _SPECIAL.items()}
+        self._texts_by_ids: dict[tuple[int, ...], str] = {}
 
     def tokenize(self, text: str) -> list[str]:
         return _WORD.findall(text.lower())
 
     def convert_tokens_to_ids(self, token: str) -> int:
-        token_id = _SPECIAL.get(token) or 1000 + zlib.crc32(token.encode()) % 1_000_000
+        token_id = _SPECIAL[token] if token in _SPECIAL else 1000 + zlib.crc32(token.encode()) % 1_000_000
         self._tokens_by_id[token_id] = token
         return token_id
 
@@ -62,18 +65,27 @@ class FakeTokenizer:
         for text in [texts] if single else texts:
             tokens = self.tokenize(text)[:limit] if truncation else self.tokenize(text)
             rows.append([_SPECIAL["[CLS]"], *map(self.convert_tokens_to_ids, tokens), _SPECIAL["[SEP]"]])
+            self._texts_by_ids[tuple(rows[-1])] = text
         width = max(map(len, rows))
         ids = [row + [0] * (width - len(row)) for row in rows]
         mask = [[1] * len(row) + [0] * (width - len(row)) for row in rows]
         encoding = FakeBatchEncoding(input_ids=ids, attention_mask=mask)
         return FakeBatchEncoding({k: v[0] for k, v in encoding.items()}) if single else encoding
 
+    def text_of(self, ids) -> str | None:
+        """The text this tokenizer turned into ``ids`` (padding ignored), if it did."""
+        ids = list(ids)
+        while ids and ids[-1] == _SPECIAL["[PAD]"]:
+            ids.pop()
+        return self._texts_by_ids.get(tuple(ids))
+
 
 class FakeBGEM3Model:
     """``BGEM3FlagModel.encode`` on made-up weights: every token of the text gets one in (0.05, 0.35]."""
 
-    def __init__(self, tokenizer: FakeTokenizer | None = None) -> None:
+    def __init__(self, tokenizer: FakeTokenizer | None = None, replay: dict | None = None) -> None:
         self.tokenizer = tokenizer or FakeTokenizer()
+        self.replay = replay or {}
 
     def encode(
         self,
@@ -86,20 +98,21 @@ class FakeBGEM3Model:
         **kwargs,
     ) -> dict:
         single = isinstance(sentences, str)
-        encoded = self.tokenizer([sentences] if single else sentences, truncation=True, max_length=max_length)
-        special = set(self.tokenizer.all_special_ids)
-        lexical = [
-            {
-                str(i): 0.05 + 0.3 * _stable_fraction(self.tokenizer.convert_ids_to_tokens(i))
-                for i in ids
-                if i not in special
-            }
-            for ids in encoded["input_ids"]
-        ]
+        texts = [sentences] if single else list(sentences)
+        encoded = self.tokenizer(texts, truncation=True, max_length=max_length)
+        lexical = [self._weights(text, ids) for text, ids in zip(texts, encoded["input_ids"])]
         return {
             "dense_vecs": None,
             "lexical_weights": (lexical[0] if single else lexical) if return_sparse else None,
             "colbert_vecs": None,
+        }
+
+    def _weights(self, text: str, ids: list[int]) -> dict[str, float]:
+        if text in self.replay:
+            return {str(self.tokenizer.convert_tokens_to_ids(t)): w for t, w in self.replay[text].items()}
+        special = set(self.tokenizer.all_special_ids)
+        return {
+            str(i): 0.05 + 0.3 * _stable_fraction(self.tokenizer.convert_ids_to_tokens(i)) for i in ids if i not in special
         }
 
 
@@ -115,9 +128,11 @@ def _label_vocabulary() -> dict[str, frozenset[str]]:
 class FakeSequenceClassifier:
     """A sequence classifier over the shipped label set: logits from word overlap, ties broken stably."""
 
-    def __init__(self, tokenizer: FakeTokenizer) -> None:
+    def __init__(self, tokenizer: FakeTokenizer, replay: dict | None = None) -> None:
         labels = list(_label_vocabulary())
         self.tokenizer = tokenizer
+        #: text -> {label: logit}, recorded from the real classifier.
+        self.replay = replay or {}
         self.config = SimpleNamespace(
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
@@ -131,21 +146,22 @@ class FakeSequenceClassifier:
         return self
 
     def __call__(self, input_ids, attention_mask=None, **kwargs) -> SimpleNamespace:
+        return SimpleNamespace(logits=[self._logits(ids) for ids in input_ids])
+
+    def _logits(self, ids: list[int]) -> list[float]:
         vocabulary = _label_vocabulary()
-        logits = []
-        for ids in input_ids:
-            words = set(self.tokenizer.convert_ids_to_tokens([i for i in ids if i >= 1000]))
-            logits.append(
-                [2.0 * len(words & vocabulary[label]) + _stable_fraction(label + " ".join(sorted(words))) for label in vocabulary]
-            )
-        return SimpleNamespace(logits=logits)
+        recorded = self.replay.get(self.tokenizer.text_of(ids))
+        if recorded is not None and set(recorded) == set(vocabulary):
+            return [recorded[label] for label in vocabulary]
+        words = set(self.tokenizer.convert_ids_to_tokens([i for i in ids if i >= 1000]))
+        return [2.0 * len(words & vocabulary[label]) + _stable_fraction(label + " ".join(sorted(words))) for label in vocabulary]
 
 
-def fake_sparse_embedding_model() -> LoadedModel:
+def fake_sparse_embedding_model(replay: dict | None = None) -> LoadedModel:
     tokenizer = FakeTokenizer()
-    return LoadedModel(FakeBGEM3Model(tokenizer), tokenizer, "cpu")
+    return LoadedModel(FakeBGEM3Model(tokenizer, replay), tokenizer, "cpu")
 
 
-def fake_classification_model() -> LoadedModel:
+def fake_classification_model(replay: dict | None = None) -> LoadedModel:
     tokenizer = FakeTokenizer()
-    return LoadedModel(FakeSequenceClassifier(tokenizer), tokenizer, "cpu")
+    return LoadedModel(FakeSequenceClassifier(tokenizer, replay), tokenizer, "cpu")

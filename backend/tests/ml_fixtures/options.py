@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +62,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "(default: $ML_MODEL_CACHE_DIR, else ~/.cache/backend-ml-models)",
     )
     group.addoption(
+        "--ml-record",
+        choices=("none", "once", "rewrite"),
+        default="none",
+        help="record the real models' calls into cassettes, one per test module: once (where missing or "
+        "stale), rewrite (all); the fake models replay them in every run (default: none)",
+    )
+    group.addoption(
+        "--ml-cassette-dir",
+        default=str(Path(__file__).resolve().parents[1] / "cassettes"),
+        metavar="DIR",
+        help="where the cassettes are (default: backend/tests/cassettes)",
+    )
+    group.addoption(
         "--ml-device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
@@ -76,6 +90,8 @@ class Settings:
     device: str | None
     #: None (fp16 on CUDA, fp32 on CPU) or "int8".
     dtype: str | None
+    record: str
+    cassette_dir: Path
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Settings:
@@ -86,4 +102,6 @@ class Settings:
             report_path=config.getoption("ml_model_report"),
             device=None if device == "auto" else device,
             dtype=None if config.getoption("ml_quantize") == "none" else config.getoption("ml_quantize"),
+            record=config.getoption("ml_record"),
+            cassette_dir=Path(config.getoption("ml_cassette_dir")),
         )

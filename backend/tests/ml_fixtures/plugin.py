@@ -9,6 +9,7 @@ import pytest
 from app import config as app_config
 from app.ml import LoadedModel, ModelUnavailableError
 from ml_fixtures import guard
+from ml_fixtures.cassettes import Cassettes
 from ml_fixtures.catalog import KINDS, ModelKind
 from ml_fixtures.options import Settings
 from ml_fixtures.options import pytest_addoption as pytest_addoption  # noqa: F401 (a hook)
@@ -20,6 +21,7 @@ MARKER = "use_real_models"
 settings_key = pytest.StashKey[Settings]()
 pool_key = pytest.StashKey[ModelPool]()
 recorder_key = pytest.StashKey[LoadRecorder]()
+cassettes_key = pytest.StashKey[Cassettes]()
 
 
 class UnavailableModel(LoadedModel):
@@ -44,6 +46,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[settings_key] = settings
     config.stash[recorder_key] = recorder
     config.stash[pool_key] = ModelPool(settings.memory_budget, on_load=recorder.timed_load, on_evict=recorder.evicted)
+    config.stash[cassettes_key] = Cassettes(settings.cassette_dir, settings.record)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistReport(recorder), "ml-models-xdist")
 
@@ -88,15 +91,35 @@ def route_model_loads(request: pytest.FixtureRequest, monkeypatch: pytest.Monkey
         loaded = request.getfixturevalue(kind.fixture)
         if isinstance(loaded, UnavailableModel):
             pytest.skip(loaded.reason)
+    cassettes = config.stash[cassettes_key]
     if _marked(item) or used:
+        cassette = cassettes.path_for(item.path, config.rootpath)
         for kind in KINDS:
             monkeypatch.setattr(kind.service, "_load_model", lambda self, k=kind: pool_model(config, k, k.service_path(self)))
+            record = cassettes.recorder(cassette, kind.source)
+            if record is not None:
+                _record_model_calls(monkeypatch, kind, record)
         return
     for kind in KINDS:
-        monkeypatch.setattr(kind.service, "_load_model", lambda self, k=kind: k.make_fake())
+        replay = cassettes.replay_index(kind.source)
+        monkeypatch.setattr(kind.service, "_load_model", lambda self, k=kind, r=replay: k.make_fake(r))
     if policy == "unit":
         guard.install(request, monkeypatch)
         request.getfixturevalue("socket_disabled")
+
+
+def _record_model_calls(monkeypatch: pytest.MonkeyPatch, kind: ModelKind, record) -> None:
+    """Wrap the service's model call so that each text and its raw output land in the cassette."""
+    call = getattr(kind.service, kind.model_call)
+
+    def recording(self, texts):
+        rows = call(self, texts)
+        if kind.service_path(self) is None:  # only the default model has a cassette entry
+            for text, row in zip(texts, rows):
+                record(text, kind.recordable(self, row))
+        return rows
+
+    monkeypatch.setattr(kind.service, kind.model_call, recording)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
@@ -133,6 +156,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
     recorder = config.stash[recorder_key]
     config.stash[pool_key].clear()
+    cassettes = config.stash[cassettes_key]
+    recorder.cassettes_written = [str(p) for p in cassettes.save()]
+    recorder.stale_cassettes = cassettes.stale([kind.source for kind in KINDS])
     recorder.finish()
     if hasattr(config, "workeroutput"):
         config.workeroutput["ml_model_report"] = recorder.to_dict()

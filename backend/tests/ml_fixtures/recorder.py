@@ -42,6 +42,8 @@ class LoadRecorder:
     records: list[LoadRecord] = field(default_factory=list)
     peak_rss_by_worker: dict[str, float] = field(default_factory=dict)
     evictions: list[str] = field(default_factory=list)
+    stale_cassettes: list[str] = field(default_factory=list)
+    cassettes_written: list[str] = field(default_factory=list)
     current_test: str | None = None
     current_policy: str | None = None
 
@@ -74,6 +76,8 @@ class LoadRecorder:
             "outside_integration": [asdict(r) for r in self.records if r.policy != "integration"],
             "records": [asdict(r) for r in self.records],
             "evictions": self.evictions,
+            "stale_cassettes": self.stale_cassettes,
+            "cassettes_written": self.cassettes_written,
             "peak_rss_mb_by_worker": self.peak_rss_by_worker,
         }
 
@@ -82,6 +86,8 @@ class LoadRecorder:
         self.records += [LoadRecord(**r) for r in data["records"]]
         self.peak_rss_by_worker.update(data["peak_rss_mb_by_worker"])
         self.evictions += data["evictions"]
+        self.stale_cassettes = sorted(set(self.stale_cassettes) | set(data["stale_cassettes"]))
+        self.cassettes_written += data["cassettes_written"]
 
     def write_json(self, path: str) -> None:
         with open(path, "w") as f:
@@ -100,4 +106,8 @@ class LoadRecorder:
                 lines.append(f"  {model.ljust(width)}  {entry['loads']:5d}  {entry['seconds']:7.2f}")
         for record in data["outside_integration"]:
             lines.append(f"  outside the integration tree: {record['test']} loaded {record['model']}")
+        for cassette in self.cassettes_written:
+            lines.append(f"  cassette recorded: {cassette}")
+        for cassette in self.stale_cassettes:
+            lines.append(f"  stale cassette (not replayed; re-record with --ml-record=once): {cassette}")
         return lines

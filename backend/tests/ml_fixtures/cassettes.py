@@ -1,0 +1,164 @@
+"""Recorded model responses, in the manner of VCR.py cassettes.
+
+An integration run with ``--ml-record=once|rewrite`` records every model call that a service
+makes on a real model — the text in, the raw model output out — into one JSON cassette per
+test module. In every run the fake models replay a recorded output where the cassettes hold
+that text, and fall back to their deterministic made-up output otherwise.
+
+A cassette stores each model's fingerprint (a hash of its directory: weights, configuration,
+tokenizer). When the model in use has another fingerprint, the cassette is stale: it is not
+replayed, the load report lists it, and ``--ml-record=once`` records it again.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from app.ml import ModelUnavailableError, resolve_model_path
+from app.ml.resolver import ModelSource
+
+VERSION = 1
+#: Rounding keeps a re-record of an unchanged model an empty diff (batching moves the 7th digit).
+DIGITS = 5
+#: Longer texts are not recorded: they would bloat the cassette for little to replay.
+MAX_TEXT = 1000
+
+
+@functools.cache
+def _directory_fingerprint(path: Path, stamp: tuple) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != "recipe.json"):
+        digest.update(str(file.relative_to(path)).encode())
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def fingerprint(source: ModelSource) -> str | None:
+    """The fingerprint of the model ``source`` resolves to now, or None where it is not on disk."""
+    try:
+        path = resolve_model_path(source, build=False)
+    except ModelUnavailableError:
+        return None
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir()))
+    return _directory_fingerprint(path, stamp)
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, DIGITS)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+class Cassettes:
+    """Every cassette under one directory: the replay index, the recorder, the stale list."""
+
+    def __init__(self, directory: Path, mode: str, fingerprint_of: Callable[[ModelSource], str | None] = fingerprint):
+        self.directory, self.mode = Path(directory), mode
+        self._fingerprint_of = fingerprint_of
+        self._fingerprints: dict[str, str | None] = {}
+        self._loaded: dict[Path, dict] | None = None
+        self._recording: dict[Path, dict] = {}
+        self._entries: dict[tuple[Path, str], dict | None] = {}
+        self._indexes: dict[str, dict[str, object]] = {}
+
+    def current_fingerprint(self, source: ModelSource) -> str | None:
+        if source.name not in self._fingerprints:
+            self._fingerprints[source.name] = self._fingerprint_of(source)
+        return self._fingerprints[source.name]
+
+    def _all(self) -> dict[Path, dict]:
+        if self._loaded is None:
+            self._loaded = {
+                path: json.loads(path.read_text(encoding="utf-8")) for path in sorted(self.directory.rglob("*.json"))
+            }
+        return self._loaded
+
+    def is_stale(self, entry: dict, source: ModelSource) -> bool:
+        current = self.current_fingerprint(source)
+        return current is not None and entry.get("fingerprint") != current
+
+    def replay_index(self, source: ModelSource) -> dict[str, object]:
+        """Text -> recorded output of ``source``'s model, from every cassette that is not stale."""
+        if source.name not in self._indexes:
+            self._indexes[source.name] = self._index(source)
+        return self._indexes[source.name]
+
+    def _index(self, source: ModelSource) -> dict[str, object]:
+        index: dict[str, object] = {}
+        for cassette in self._all().values():
+            entry = cassette.get("models", {}).get(source.name)
+            if entry and not self.is_stale(entry, source):
+                index.update(entry["calls"])
+        return index
+
+    def stale(self, sources: list[ModelSource]) -> list[str]:
+        """Cassettes recorded from another version of a model than the one in use (re-recorded ones excepted)."""
+        return [
+            f"{path.relative_to(self.directory)} ({source.name})"
+            for path, cassette in self._all().items()
+            for source in sources
+            if source.name in cassette.get("models", {})
+            and self.is_stale(cassette["models"][source.name], source)
+            and not self._entries.get((path, source.name))
+        ]
+
+    def path_for(self, module_path: Path, rootpath: Path) -> Path:
+        """One cassette per test module, mirroring its path below the tests' root."""
+        base = self.directory.parent
+        try:
+            relative = module_path.relative_to(base)
+        except ValueError:
+            relative = module_path.relative_to(rootpath)
+        return self.directory / relative.with_suffix(".json")
+
+    def recorder(self, cassette_path: Path, source: ModelSource) -> Callable[[str, object], None] | None:
+        """A ``record(text, output)`` for one model in one cassette, or None if nothing is to be recorded.
+
+        ``once`` records a model's calls where its cassette lacks them or is stale; ``rewrite`` always.
+        The decision is taken once per run, so a module's calls all land in one fresh entry.
+        """
+        if self.mode == "none":
+            return None
+        key = (cassette_path, source.name)
+        if key not in self._entries:
+            current = self.current_fingerprint(source)
+            existing = self._all().get(cassette_path, {"version": VERSION, "models": {}})
+            entry = existing["models"].get(source.name)
+            if self.mode == "rewrite" or entry is None or entry.get("fingerprint") != current:
+                cassette = self._recording.setdefault(cassette_path, json.loads(json.dumps(existing)))
+                cassette["models"][source.name] = {"fingerprint": current, "calls": {}}
+                self._entries[key] = cassette["models"][source.name]
+            else:
+                self._entries[key] = None
+        entry = self._entries[key]
+        if entry is None:
+            return None
+
+        def record(text: str, output: object) -> None:
+            if len(text) <= MAX_TEXT:
+                entry["calls"].setdefault(text, _rounded(output))
+
+        return record
+
+    def save(self) -> list[Path]:
+        """Write what was recorded: sorted keys, rounded floats, one file per test module; returns the changed files."""
+        written = []
+        for path, cassette in self._recording.items():
+            cassette["models"] = {name: entry for name, entry in cassette["models"].items() if entry["calls"]}
+            text = json.dumps(cassette, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+            if not cassette["models"] or (path.exists() and path.read_text(encoding="utf-8") == text):
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            written.append(path)
+        return written
