@@ -7,7 +7,25 @@ from contextlib import contextmanager
 
 from sqlalchemy.orm import Session
 
+from app.ml import LoadedModel
 from app.models import Resource
+
+
+class ModelBackedService:
+    """A service whose model is loaded on first use, through :meth:`_load_model` alone."""
+
+    _loaded: LoadedModel | None = None
+
+    def _load_model(self) -> LoadedModel:
+        """The loading seam: the one place the service gets its model (tests patch it)."""
+        raise NotImplementedError
+
+    @property
+    def loaded(self) -> LoadedModel:
+        """The model, loaded on first use."""
+        if self._loaded is None:
+            self._loaded = self._load_model()
+        return self._loaded
 
 
 class ResourceNotFoundError(LookupError):

@@ -14,7 +14,7 @@ from app import config
 from app.ml import CLASSIFICATION_BASE, LoadedModel, loading, resolve_model_path
 from app.ml.loading import inference_context
 from app.models import Category, ResourceClassification
-from app.services.common import atomic, get_resource, require_positive_int, require_texts
+from app.services.common import ModelBackedService, atomic, get_resource, require_positive_int, require_texts
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def softmax(row: Sequence[float]) -> list[float]:
     return [x / total for x in exps]
 
 
-class MLClassificationService:
+class MLClassificationService(ModelBackedService):
     """Predicts taxonomy labels for texts and resources; trains new versions of its model."""
 
     max_length = 256
@@ -51,18 +51,9 @@ class MLClassificationService:
         #: None: the configured (``CLASSIFICATION_MODEL_PATH``) or embedded model.
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.device = device
-        self._loaded: LoadedModel | None = None
 
     def _load_model(self) -> LoadedModel:
-        """The loading seam: the one place this service gets its model (tests patch it)."""
         return loading.load_classification_model(self.model_dir, self.device)
-
-    @property
-    def loaded(self) -> LoadedModel:
-        """The model, loaded on first use."""
-        if self._loaded is None:
-            self._loaded = self._load_model()
-        return self._loaded
 
     @property
     def labels(self) -> list[str]:

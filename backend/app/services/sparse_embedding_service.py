@@ -9,10 +9,10 @@ from sqlalchemy.orm import Session
 
 from app.ml import SPARSE_EMBEDDING, LoadedModel, loading
 from app.models import ResourceSparseEmbedding
-from app.services.common import atomic, get_resource, require_positive_int, require_text, require_texts
+from app.services.common import ModelBackedService, atomic, get_resource, require_positive_int, require_text, require_texts
 
 
-class SparseEmbeddingService:
+class SparseEmbeddingService(ModelBackedService):
     """Token -> weight embeddings of texts and resources, and search ranked by lexical matching."""
 
     model_name = SPARSE_EMBEDDING.name
@@ -23,18 +23,9 @@ class SparseEmbeddingService:
         self.db = db
         self.model_path = model_path
         self.device = device
-        self._loaded: LoadedModel | None = None
 
     def _load_model(self) -> LoadedModel:
-        """The loading seam: the one place this service gets its model (tests patch it)."""
         return loading.load_sparse_embedding_model(self.model_path, self.device)
-
-    @property
-    def loaded(self) -> LoadedModel:
-        """The model, loaded on first use."""
-        if self._loaded is None:
-            self._loaded = self._load_model()
-        return self._loaded
 
     def generate_embedding(self, text: str) -> dict[str, float]:
         """BGE-M3 lexical weights of ``text``: token -> weight > 0, special tokens removed."""
