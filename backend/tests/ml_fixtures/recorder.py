@@ -18,6 +18,14 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def cuda_allocated() -> int | None:
+    """``torch.cuda.memory_allocated()``; 0 while torch is not imported (nothing can be on the GPU)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return 0
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else None
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -44,10 +52,13 @@ class LoadRecorder:
     evictions: list[str] = field(default_factory=list)
     stale_cassettes: list[str] = field(default_factory=list)
     cassettes_written: list[str] = field(default_factory=list)
+    #: ``torch.cuda.memory_allocated()`` before the first load and after the last release.
+    cuda: dict[str, int | None] = field(default_factory=dict)
     current_test: str | None = None
     current_policy: str | None = None
 
     def timed_load(self, key: object, load: Callable[[], LoadedModel]) -> LoadedModel:
+        self.cuda.setdefault("allocated_before_first_load", cuda_allocated())
         before, start = _rss_mb(), time.perf_counter()
         loaded = load()
         seconds = time.perf_counter() - start
@@ -60,7 +71,10 @@ class LoadRecorder:
         self.evictions.append(f"{key} (for {self.current_test})")
 
     def finish(self) -> None:
+        """Called after the pool's last release."""
         self.peak_rss_by_worker[self.worker] = peak_rss_mb()
+        if self.records:
+            self.cuda["allocated_after_release"] = cuda_allocated()
 
     def to_dict(self) -> dict:
         per_model: dict[str, dict] = {}
@@ -78,6 +92,7 @@ class LoadRecorder:
             "evictions": self.evictions,
             "stale_cassettes": self.stale_cassettes,
             "cassettes_written": self.cassettes_written,
+            "cuda": self.cuda,
             "peak_rss_mb_by_worker": self.peak_rss_by_worker,
         }
 
@@ -88,6 +103,8 @@ class LoadRecorder:
         self.evictions += data["evictions"]
         self.stale_cassettes = sorted(set(self.stale_cassettes) | set(data["stale_cassettes"]))
         self.cassettes_written += data["cassettes_written"]
+        worker = next(iter(data["peak_rss_mb_by_worker"]))
+        self.cuda.update({f"{worker}:{key}": value for key, value in data["cuda"].items()})
 
     def write_json(self, path: str) -> None:
         with open(path, "w") as f:
@@ -106,6 +123,8 @@ class LoadRecorder:
                 lines.append(f"  {model.ljust(width)}  {entry['loads']:5d}  {entry['seconds']:7.2f}")
         for record in data["outside_integration"]:
             lines.append(f"  outside the integration tree: {record['test']} loaded {record['model']}")
+        if self.cuda and all(value is not None for value in self.cuda.values()):
+            lines.append("  CUDA memory allocated: " + ", ".join(f"{k} {v} B" for k, v in sorted(self.cuda.items())))
         for cassette in self.cassettes_written:
             lines.append(f"  cassette recorded: {cassette}")
         for cassette in self.stale_cassettes:
