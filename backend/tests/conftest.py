@@ -11,6 +11,7 @@ Read ML_MODEL_OPTIMIZATION.md beside this file. In short:
 The machinery (pool, loaders, fakes, guard, load report) lives in ``ml_fixtures/``.
 """
 
+# ruff: noqa: E402 (imports follow the assertion-rewrite registration)
 from __future__ import annotations
 
 from unittest import mock
@@ -22,7 +23,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
-from app.models import Base  # noqa: E402 (after the rewrite registration)
+from app.models import Base
 from app.services.ml_classification_service import ClassificationResult, LabelPrediction, MLClassificationService
 from app.services.sparse_embedding_service import SparseEmbeddingService
 from ml_fixtures import plugin

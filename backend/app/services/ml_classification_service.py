@@ -97,7 +97,7 @@ class MLClassificationService(ModelBackedService):
         results = []
         for logits in self._logits(texts):
             ranked = sorted(zip(labels, softmax(logits)), key=lambda pair: -pair[1])[:top_k]
-            results.append(ClassificationResult([LabelPrediction(l, c) for l, c in ranked], version))
+            results.append(ClassificationResult([LabelPrediction(label, c) for label, c in ranked], version))
         return results
 
     def _logits(self, texts: list[str]) -> list[list[float]]:

@@ -94,7 +94,7 @@ class ModelPool:
             self._on_evict(key)
             _release()
         if nbytes > self.memory_budget:
-            warnings.warn(f"a model of {nbytes / 2**20:.0f} MB exceeds the model memory budget; it is kept alone")
+            warnings.warn(f"a model of {nbytes / 2**20:.0f} MB exceeds the model memory budget; it is kept alone", stacklevel=3)
 
     def clear(self) -> None:
         """Drop every model (and remembered failure), then free their memory."""

@@ -61,7 +61,9 @@ def test_record_replay_stale_and_rerecord(ml_tree):
     cassette.write_text(json.dumps(recorded))
     result = ml_tree.run("unit", *options, CASSETTE=str(cassette))
     result.assert_outcomes(passed=1, failed=2)  # stale cassettes are not replayed
-    result.stdout.fnmatch_lines(["*stale cassette (not replayed; re-record with --ml-record=once): integration/test_recording.json (BAAI/bge-m3)"])
+    result.stdout.fnmatch_lines(
+        ["*stale cassette (not replayed; re-record with --ml-record=once): integration/test_recording.json (BAAI/bge-m3)"]
+    )
     assert ml_tree.loads()["stale_cassettes"] == [
         "integration/test_recording.json (BAAI/bge-m3)",
         "integration/test_recording.json (backend/taxonomy-classifier)",

@@ -68,7 +68,7 @@ def test_classify_resource_stores_predictions(service, test_db):
 
 
 def test_train_saves_a_model_with_label_map_and_version(tmp_path, test_db):
-    examples = [(t, l) for t, l in dataset_examples("train") if l in ("sports", "cooking")][::4]
+    examples = [(text, label) for text, label in dataset_examples("train") if label in ("sports", "cooking")][::4]
     service = MLClassificationService(test_db, model_dir=tmp_path / "clf")
     version = service.train(examples, epochs=2)
     config = json.loads((tmp_path / "clf" / "config.json").read_text())
