@@ -1,0 +1,55 @@
+"""Embedded models are built once per recipe, atomically, under a file lock."""
+
+import multiprocessing
+import time
+
+import pytest
+
+from app.ml.embedded import build_once
+
+
+def slow_build(dest):
+    (dest / "weights.bin").write_bytes(b"w" * 1000)
+    time.sleep(0.2)
+    with open(dest.parent / "builds.log", "a") as log:
+        log.write("built\n")
+
+
+def build_in_child(cache_dir, queue):
+    queue.put(str(build_once("model", {"recipe": 1}, slow_build, cache_dir)))
+
+
+def test_racing_processes_build_once_and_see_a_whole_model(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    children = [context.Process(target=build_in_child, args=(tmp_path, queue)) for _ in range(3)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+    paths = {queue.get(timeout=5) for _ in children}
+    assert len(paths) == 1
+    assert (tmp_path / "builds.log").read_text() == "built\n"
+    assert (next(iter(paths)) + "/weights.bin")
+
+
+def test_a_changed_recipe_builds_a_new_directory(tmp_path):
+    first = build_once("model", {"recipe": 1}, slow_build, tmp_path)
+    assert build_once("model", {"recipe": 1}, slow_build, tmp_path) == first
+    second = build_once("model", {"recipe": 2}, slow_build, tmp_path)
+    assert second != first and (second / "recipe.json").read_text() == '{\n  "recipe": 2\n}'
+
+
+def test_a_failed_build_leaves_nothing_behind(tmp_path):
+    def failing(dest):
+        (dest / "half.bin").write_bytes(b"half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        build_once("model", {"recipe": 1}, failing, tmp_path)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_without_building_an_absent_model_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not built yet"):
+        build_once("model", {"recipe": 1}, slow_build, tmp_path, allow_build=False)
