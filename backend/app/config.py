@@ -30,6 +30,11 @@ def models_dir() -> Path:
     return Path(os.environ.get("MODELS_DIR", "models")).expanduser()
 
 
+def saved_classifier_dir() -> Path:
+    """Where ``MLClassificationService.train`` saves when the service has no ``model_dir``."""
+    return models_dir() / "classification"
+
+
 def downloads_allowed() -> bool:
     """The network is used only when the user opts in with ``ML_ALLOW_DOWNLOAD=1``."""
     return os.environ.get("ML_ALLOW_DOWNLOAD", "") == "1"

@@ -1,8 +1,9 @@
 """Turn a model name into a local directory, without the network unless the user opts in.
 
-Order: (1) an explicit path from an environment variable, (2) the Hugging Face cache,
-offline, (3) the embedded default built from the packaged MiniLM, (4) a download, only
-with ``ML_ALLOW_DOWNLOAD=1``. Anything else raises :class:`ModelUnavailableError`.
+Order: (1) an explicit path from an environment variable, then the directory this
+application saves the model into, if it has one, (2) the Hugging Face cache, offline,
+(3) the embedded default built from the packaged MiniLM, (4) a download, only with
+``ML_ALLOW_DOWNLOAD=1``. Anything else raises :class:`ModelUnavailableError`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class ModelSource:
     required_files: tuple[str, ...]
     #: ``embedded(build)``: the embedded default's directory (built once if ``build``), or None.
     embedded: Callable[[bool], Path] | None = None
+    #: Where the application saves its own version of the model, if it does.
+    saved: Callable[[], Path] | None = None
 
     def missing_files(self, path: Path) -> list[str]:
         return [f for f in self.required_files if not (path / f).is_file()]
@@ -59,6 +62,7 @@ CLASSIFICATION = ModelSource(
     env_var="CLASSIFICATION_MODEL_PATH",
     required_files=("config.json",),
     embedded=_classifier_embedded,
+    saved=config.saved_classifier_dir,
 )
 CLASSIFICATION_BASE = ModelSource(
     name=config.CLASSIFICATION_BASE_MODEL_NAME,
@@ -101,6 +105,12 @@ def resolve_model_path(source: ModelSource, build: bool = True) -> Path:
             )
         return path
     attempts.append(f"${source.env_var}: not set")
+
+    if source.saved is not None:
+        path = source.saved()
+        if path.is_dir() and not source.missing_files(path):
+            return path
+        attempts.append(f"saved model {path}: not there")
 
     try:
         path = _from_hf_cache(source.name)

@@ -70,7 +70,7 @@ class MLClassificationService(ModelBackedService):
         from app.ml.training import fine_tune, validate_examples
 
         pairs = validate_examples(examples)
-        target = self.model_dir or config.models_dir() / "classification"
+        target = self.model_dir or config.saved_classifier_dir()
         version = fine_tune(
             resolve_model_path(CLASSIFICATION_BASE), pairs, target, base_name=CLASSIFICATION_BASE.name, **hyperparameters
         )

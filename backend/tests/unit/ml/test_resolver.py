@@ -80,3 +80,18 @@ def test_int8_runs_on_the_cpu():
     assert select_device(None, "int8") == "cpu"
     with pytest.raises(ValueError, match="CPU"):
         select_device("cuda", "int8")
+
+
+def test_a_saved_model_comes_before_the_cache(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model_path(ModelSource("acme/encoder", "ACME_MODEL_PATH", ("config.json",), saved=lambda: tmp_path)) == tmp_path
+
+
+def test_the_classifier_looks_in_the_models_dir(tmp_path, monkeypatch):
+    from app.ml import CLASSIFICATION
+
+    monkeypatch.delenv("CLASSIFICATION_MODEL_PATH", raising=False)
+    monkeypatch.setenv("MODELS_DIR", str(tmp_path))
+    (tmp_path / "classification").mkdir()
+    (tmp_path / "classification" / "config.json").write_text("{}")
+    assert resolve_model_path(CLASSIFICATION, build=False) == tmp_path / "classification"
