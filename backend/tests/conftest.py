@@ -41,13 +41,13 @@ def ml_model_policy() -> str:
 @pytest.fixture(scope=plugin.cached_fixture_scope)
 def sparse_embedding_model_cached(request, ml_model_policy):
     """Real BGE-M3 ``(model, tokenizer, device)`` from the pool; ``(None, None, None)`` if unavailable."""
-    yield plugin.cached_model(request, SPARSE, ml_model_policy)
+    return plugin.cached_model(request, SPARSE, ml_model_policy)
 
 
 @pytest.fixture(scope=plugin.cached_fixture_scope)
 def ml_classification_model_cached(request, ml_model_policy):
     """Real classifier ``(model, tokenizer, device)`` from the pool; ``(None, None, None)`` if unavailable."""
-    yield plugin.cached_model(request, CLASSIFIER, ml_model_policy)
+    return plugin.cached_model(request, CLASSIFIER, ml_model_policy)
 
 
 @pytest.fixture(autouse=True)
