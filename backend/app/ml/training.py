@@ -52,10 +52,11 @@ def fine_tune(
     The save is atomic: ``out_dir`` holds the old model or the new one, never half of one.
     Returns the model version, which is also stored in the saved config.
     """
+    pairs = validate_examples(examples)  # before the heavy imports: bad input fails fast
+
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    pairs = validate_examples(examples)
     labels = sorted({label for _, label in pairs})
     label2id = {label: i for i, label in enumerate(labels)}
     hyperparameters = {"epochs": epochs, "lr": learning_rate, "batch": batch_size, "seed": seed, "max_length": max_length}

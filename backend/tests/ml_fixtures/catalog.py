@@ -19,7 +19,8 @@ class ModelKind:
     #: The public fixture that yields this model.
     fixture: str
     service: type
-    #: ``load_real(path, device, dtype)``, the application's own loader.
+    #: ``load_real(path, device, dtype)``, the application's own loader, looked up at call time
+    #: so that patches of ``app.ml.loading`` (the guard, the benchmark's probe) apply.
     load_real: Callable[..., LoadedModel]
     #: ``make_fake(replay)``: a fake model replaying recorded outputs (text -> output).
     make_fake: Callable[[dict], LoadedModel]

@@ -85,9 +85,6 @@ class ModelPool:
         with self._lock:
             return list(self._entries)
 
-    def __contains__(self, key: ModelKey) -> bool:
-        return key in self._entries
-
     def _make_room(self, nbytes: int) -> None:
         while self._entries and self.used_bytes + nbytes > self.memory_budget:
             key, _ = self._entries.popitem(last=False)
