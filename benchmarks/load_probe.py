@@ -1,7 +1,8 @@
 """A pytest plugin the benchmark adds to every run: counts real loads whatever fixtures are in use.
 
 It wraps the application's two loaders (every real load, pooled or not, goes through them)
-and appends one JSON line per process to ``$BENCH_PROBE_OUT``.
+and appends one JSON line per process to ``$BENCH_PROBE_OUT``. The wrappers are removed at
+the end, so that runs in one process (the benchmark's smoke test) do not stack them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import sys
 import time
 
 HEAVY = ("torch", "transformers", "FlagEmbedding")
+LOADERS = ("load_sparse_embedding_model", "load_classification_model")
 _loads: list[float] = []
+_originals: dict[str, object] = {}
 
 
 def _counted(load):
@@ -30,11 +33,17 @@ def _counted(load):
 def pytest_configure(config):
     from app.ml import loading
 
-    for name in ("load_sparse_embedding_model", "load_classification_model"):
-        setattr(loading, name, _counted(getattr(loading, name)))
+    _loads.clear()
+    for name in LOADERS:
+        _originals[name] = getattr(loading, name)
+        setattr(loading, name, _counted(_originals[name]))
 
 
 def pytest_unconfigure(config):
+    from app.ml import loading
+
+    for name, original in _originals.items():
+        setattr(loading, name, original)
     with open(os.environ["BENCH_PROBE_OUT"], "a") as out:
         out.write(
             json.dumps(

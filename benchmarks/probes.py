@@ -1,6 +1,6 @@
 """Measurements in a bare process (no pytest): the import and load floor, and int8 against fp32.
 
-Run as ``python benchmarks/probes.py floor|quantize N``; prints one JSON object.
+Run as ``python benchmarks/probes.py floor|quantize N [LIMIT]``; prints one JSON object.
 """
 
 from __future__ import annotations
@@ -58,17 +58,22 @@ def _fixed(service_class, loaded):
     return service
 
 
-def quantize(repeats: int) -> dict:
-    """fp32 against int8: load and inference time, top-1 agreement, top-10 search overlap."""
+def quantize(repeats: int, limit: int | None = None) -> dict:
+    """fp32 against int8: load and inference time, top-1 agreement, top-10 search overlap.
+
+    On the shipped dataset (its held-back texts as queries), or its first ``limit`` texts and a
+    quarter as many queries.
+    """
     from app.ml import loading
     from app.ml.embedded import load_dataset
     from app.services.ml_classification_service import MLClassificationService
     from app.services.sparse_embedding_service import SparseEmbeddingService
 
     loading.load_sparse_embedding_model()  # warm imports and file cache before timing either
-    rows = load_dataset()
+    everything = load_dataset()
+    rows = everything[:limit]
     texts = [row["text"] for row in rows]
-    queries = [row["text"] for row in rows if row["split"] == "test"]
+    queries = [row["text"] for row in everything if row["split"] == "test"][: limit and max(1, limit // 4)]
     results = {}
     for dtype in ("fp32", "int8"):
         sparse, sparse_load = _timed(lambda: loading.load_sparse_embedding_model(device="cpu", dtype=dtype))
@@ -108,5 +113,5 @@ def quantize(repeats: int) -> dict:
 
 
 if __name__ == "__main__":
-    probe, number = sys.argv[1], int(sys.argv[2])
-    print(json.dumps({"floor": floor, "quantize": quantize}[probe](number)))
+    probe, numbers = sys.argv[1], map(int, sys.argv[2:])
+    print(json.dumps({"floor": floor, "quantize": quantize}[probe](*numbers)))

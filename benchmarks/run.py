@@ -45,6 +45,11 @@ def run_pytest(root: Path, args: list[str]) -> dict:
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed in {root}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return measured(probe_out, wall)
+
+
+def measured(probe_out: Path, wall: float) -> dict:
+    """One run's numbers from the load probe's lines (one per pytest process of the run)."""
     processes = [json.loads(line) for line in probe_out.read_text().splitlines()]
     return {
         "wall_s": wall,
@@ -55,10 +60,10 @@ def run_pytest(root: Path, args: list[str]) -> dict:
     }
 
 
-def run_probe(name: str, number: int) -> dict:
+def run_probe(name: str, *numbers: int) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(scaffold.python_path())}
     done = subprocess.run(
-        [sys.executable, str(HERE / "probes.py"), name, str(number)], env=env, capture_output=True, text=True, check=True
+        [sys.executable, str(HERE / "probes.py"), name, *map(str, numbers)], env=env, capture_output=True, text=True, check=True
     )
     return json.loads(done.stdout.splitlines()[-1])
 
@@ -155,21 +160,34 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+#: Configurations whose processes are the point; an in-process smoke run leaves them out.
+SEPARATE_PROCESSES = ("integration, -n 2 --dist loadgroup",)
+SMOKE_SIZES = Sizes(sparse_modules=1, classifier_modules=1, unit_modules=1, tests_per_integration_module=2, tests_per_unit_module=1)
+#: The smoke run's int8 comparison: one repeat over the first texts of the dataset.
+SMOKE_QUANTIZE = (1, 12)
+
+
+def main(argv: list[str] | None = None, runner=None, probe=None) -> dict:
+    """Run the benchmark. ``runner(root, args)`` and ``probe(name, number)`` replace the fresh
+    processes (the self-test's smoke run passes in-process ones, and leaves out -n 2)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3, help="runs of each configuration (default 3)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and one run: checks that it works")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "latest.json")
     args = parser.parse_args(argv)
-    sizes = Sizes(2, 1, 2, 2, 2) if args.smoke else Sizes()
+    sizes = SMOKE_SIZES if args.smoke else Sizes()
     runs = 1 if args.smoke else args.runs
+    in_process = runner is not None
+    runner, probe = runner or run_pytest, probe or run_probe
 
     with tempfile.TemporaryDirectory(prefix="ml-bench-") as tmp:
         configs = configurations(Path(tmp), sizes)
+        if in_process:
+            configs = {name: config for name, config in configs.items() if name not in SEPARATE_PROCESSES}
         raw: dict[str, list[dict]] = {name: [] for name in configs}
         for run in range(runs):
             for name, (root, pytest_args) in configs.items():
-                raw[name].append(run_pytest(root, pytest_args))
+                raw[name].append(runner(root, pytest_args))
                 print(f"run {run + 1}/{runs} {name}: {raw[name][-1]['wall_s']:.1f} s", file=sys.stderr)
     results = {
         "date": datetime.date.today().isoformat(),
@@ -179,8 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         "sizes": asdict(sizes),
         "runs": runs,
         "configurations": {name: summarize(r) for name, r in raw.items()},
-        "floor": run_probe("floor", sizes.integration_tests),
-        "quantize": run_probe("quantize", 1 if args.smoke else 3),
+        "floor": probe("floor", sizes.integration_tests),
+        "quantize": probe("quantize", *(SMOKE_QUANTIZE if args.smoke else (3,))),
     }
     results["markdown"] = markdown(results)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ def models_dir() -> Path:
 
 
 def saved_classifier_dir() -> Path:
-    """Where ``MLClassificationService.train`` saves when the service has no ``model_dir``."""
+    """Where ``MLClassificationService.train`` saves when the service has no ``model_path``."""
     return models_dir() / "classification"
 
 

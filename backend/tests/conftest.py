@@ -3,12 +3,14 @@
 Read ML_MODEL_OPTIMIZATION.md beside this file. In short:
 
 * ``sparse_embedding_model_cached`` / ``ml_classification_model_cached`` yield
-  ``(model, tokenizer, device)`` of a real model, loaded once into a shared pool;
+  ``(model, tokenizer, device)`` of a real model, loaded once into a shared pool; a test that
+  changes it fails ("modified the shared model"); ``*_model_copy`` give a private one;
 * every test gets fake models behind the services (``mock_ml_models_in_unit_tests``)
   unless it is marked ``@pytest.mark.use_real_models`` or uses a cached fixture;
-* each directory's conftest sets its rule by overriding ``ml_model_policy``.
+* each directory's conftest sets its rule by overriding ``ml_model_policy``;
+* ``ml_model_blocker.unblock()`` lets a fixture load a real model where the guard blocks it.
 
-The machinery (pool, loaders, fakes, guard, load report) lives in ``ml_fixtures/``.
+The machinery (pool, loaders, fakes, guard, load report, cassettes) lives in ``ml_fixtures/``.
 """
 
 # ruff: noqa: E402 (imports follow the assertion-rewrite registration)
@@ -28,6 +30,7 @@ from app.services.ml_classification_service import ClassificationResult, LabelPr
 from app.services.sparse_embedding_service import SparseEmbeddingService
 from ml_fixtures import plugin
 from ml_fixtures.catalog import CLASSIFIER, SPARSE
+from ml_fixtures.guard import ModelBlocker
 
 pytest_plugins = ("ml_fixtures.plugin", "pytester")
 
@@ -48,6 +51,24 @@ def sparse_embedding_model_cached(request, ml_model_policy):
 def ml_classification_model_cached(request, ml_model_policy):
     """Real classifier ``(model, tokenizer, device)`` from the pool; ``(None, None, None)`` if unavailable."""
     return plugin.cached_model(request, CLASSIFIER, ml_model_policy)
+
+
+@pytest.fixture
+def sparse_embedding_model_copy(request, monkeypatch, ml_model_policy):
+    """A private BGE-M3 ``(model, tokenizer, device)`` for this test alone, free to change (a fresh load)."""
+    return plugin.private_copy(request, monkeypatch, SPARSE, ml_model_policy)
+
+
+@pytest.fixture
+def ml_classification_model_copy(request, monkeypatch, ml_model_policy):
+    """A private classifier ``(model, tokenizer, device)`` for this test alone, free to change (a fresh load)."""
+    return plugin.private_copy(request, monkeypatch, CLASSIFIER, ml_model_policy)
+
+
+@pytest.fixture(scope="session")
+def ml_model_blocker(pytestconfig) -> ModelBlocker:
+    """The guard's state; ``with ml_model_blocker.unblock():`` allows a real load where it is blocked."""
+    return pytestconfig.stash[plugin.blocker_key]
 
 
 @pytest.fixture(autouse=True)

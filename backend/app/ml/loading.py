@@ -68,6 +68,7 @@ def load_sparse_embedding_model(
         model = BGEM3FlagModel(
             str(path), use_fp16=use_fp16(device, dtype), devices=device, trust_remote_code=False
         )
+        model.model.eval()  # FlagEmbedding leaves its heads in training mode until the first encode
         if dtype == "int8":
             model.model = quantize_dynamic_int8(model.model)
     except Exception as exc:
@@ -117,7 +118,7 @@ def quantize_dynamic_int8(module):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-        return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
+        return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8).eval()  # its new layers come in training mode
 
 
 def model_nbytes(model: Any) -> int:

@@ -46,14 +46,25 @@ class MLClassificationService(ModelBackedService):
 
     max_length = 256
 
-    def __init__(self, db: Session, model_dir: str | Path | None = None, device: str | None = None):
+    def __init__(
+        self,
+        db: Session,
+        model_path: str | Path | None = None,
+        device: str | None = None,
+        *,
+        model_dir: str | Path | None = None,
+    ):
+        """``model_dir`` is an older name of ``model_path``."""
+        if model_dir is not None and model_path is not None:
+            raise TypeError("give model_path or model_dir, not both")
         self.db = db
-        #: None: the configured (``CLASSIFICATION_MODEL_PATH``) or embedded model.
-        self.model_dir = Path(model_dir) if model_dir is not None else None
+        model_path = model_path if model_path is not None else model_dir
+        #: None: the configured (``CLASSIFICATION_MODEL_PATH``), saved or embedded model.
+        self.model_path = Path(model_path) if model_path is not None else None
         self.device = device
 
     def _load_model(self) -> LoadedModel:
-        return loading.load_classification_model(self.model_dir, self.device)
+        return loading.load_classification_model(self.model_path, self.device)
 
     @property
     def labels(self) -> list[str]:
@@ -63,18 +74,18 @@ class MLClassificationService(ModelBackedService):
     @property
     def model_version(self) -> str:
         config_ = self.loaded.model.config
-        return getattr(config_, "model_version", None) or str(self.model_dir or "unversioned")
+        return getattr(config_, "model_version", None) or str(self.model_path or "unversioned")
 
     def train(self, examples: Sequence[tuple[str, str]], **hyperparameters) -> str:
-        """Fine-tune the base encoder on ``(text, label)`` pairs, save to ``model_dir``; returns the version."""
+        """Fine-tune the base encoder on ``(text, label)`` pairs, save to ``model_path``; returns the version."""
         from app.ml.training import fine_tune, validate_examples
 
         pairs = validate_examples(examples)
-        target = self.model_dir or config.saved_classifier_dir()
+        target = self.model_path or config.saved_classifier_dir()
         version = fine_tune(
             resolve_model_path(CLASSIFICATION_BASE), pairs, target, base_name=CLASSIFICATION_BASE.name, **hyperparameters
         )
-        self.model_dir = target
+        self.model_path = target
         self._loaded = None
         return version
 

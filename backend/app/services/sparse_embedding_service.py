@@ -21,7 +21,8 @@ class SparseEmbeddingService(ModelBackedService):
 
     def __init__(self, db: Session, model_path: str | Path | None = None, device: str | None = None):
         self.db = db
-        self.model_path = model_path
+        #: None: the configured (``SPARSE_EMBEDDING_MODEL_PATH``) or embedded model.
+        self.model_path = Path(model_path) if model_path is not None else None
         self.device = device
 
     def _load_model(self) -> LoadedModel:

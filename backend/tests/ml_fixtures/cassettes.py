@@ -3,10 +3,12 @@
 An integration run with ``--ml-record=once|rewrite`` records every model call that a service
 makes on a real model — the text in, the raw model output out — into one JSON cassette per
 test module. In every run the fake models replay a recorded output where the cassettes hold
-that text, and fall back to their deterministic made-up output otherwise.
+that text, and fall back to their deterministic made-up output otherwise; under
+``--ml-replay=strict`` a text that no current cassette holds fails the test instead
+(:class:`CassetteMissError`, in the manner of VCR's "can't overwrite existing cassette").
 
-A cassette stores each model's fingerprint (a hash of its directory: weights, configuration,
-tokenizer). When the model in use has another fingerprint, the cassette is stale: it is not
+A cassette stores each model's fingerprint (a hash of its recipe for an embedded model, else
+of its directory: weights, configuration, tokenizer). When the model in use has another fingerprint, the cassette is stale: it is not
 replayed, the load report lists it, and ``--ml-record=once`` records it again.
 """
 
@@ -16,10 +18,12 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from app.ml import ModelUnavailableError, resolve_model_path
 from app.ml.resolver import ModelSource
+from ml_fixtures.options import RecordMode, ReplayMode
 
 VERSION = 1
 #: Rounding keeps a re-record of an unchanged model an empty diff (batching moves the 7th digit).
@@ -40,11 +44,19 @@ def _directory_fingerprint(path: Path, stamp: tuple) -> str:
 
 
 def fingerprint(source: ModelSource) -> str | None:
-    """The fingerprint of the model ``source`` resolves to now, or None where it is not on disk."""
+    """The fingerprint of the model ``source`` resolves to now, or None where it is not on disk.
+
+    An embedded model is known by its recipe (``recipe.json``: seed, constants, input hashes):
+    fine-tuning the same recipe on another CPU moves the weights' last bits, not the model.
+    Any other directory is known by the bytes of its files.
+    """
     try:
         path = resolve_model_path(source, build=False)
     except ModelUnavailableError:
         return None
+    recipe = path / "recipe.json"
+    if recipe.is_file():
+        return "recipe:" + hashlib.sha256(recipe.read_bytes()).hexdigest()[:16]
     stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir()))
     return _directory_fingerprint(path, stamp)
 
@@ -59,10 +71,52 @@ def _rounded(value):
     return value
 
 
-class Cassettes:
-    """Every cassette under one directory: the replay index, the recorder, the stale list."""
+class CassetteMissError(LookupError):
+    """A fake model under ``--ml-replay=strict`` was asked for a text that no current cassette holds."""
 
-    def __init__(self, directory: Path, mode: str, fingerprint_of: Callable[[ModelSource], str | None] = fingerprint):
+
+@dataclass(frozen=True)
+class Replay:
+    """What one fake model answers from the cassettes, for one test: ``get(text)`` -> recorded output or None."""
+
+    calls: dict[str, object]
+    mode: ReplayMode = ReplayMode.FALLBACK
+    model: str = ""
+    #: The test asking, and the cassette its module records into (named in a strict miss).
+    test: str = ""
+    cassette: Path | None = None
+
+    def get(self, text: str | None) -> object | None:
+        if self.mode is ReplayMode.NONE:
+            return None
+        if text in self.calls:
+            return self.calls[text]
+        if self.mode is ReplayMode.STRICT:
+            raise CassetteMissError(self._miss_message(text))
+        return None
+
+    def _miss_message(self, text: str | None) -> str:
+        where = f"{self.cassette}" + ("" if self.cassette and self.cassette.exists() else " (not recorded yet)")
+        module = self.test.split("::")[0]
+        return (
+            f"--ml-replay=strict: no current cassette holds a recorded output of {self.model} for {text!r}, "
+            f"and strict replay never makes one up.\n"
+            f"Cassette of this test: {where}\n"
+            f"Record it from the real model: mark the test @pytest.mark.use_real_models and run\n"
+            f"    pytest {self.test or module} --ml-record=once\n"
+            f"(or replay with fallback, the default: --ml-replay=fallback)."
+        )
+
+
+class Cassettes:
+    """Every cassette under one directory: the replay index, the recording, the stale list."""
+
+    def __init__(
+        self,
+        directory: Path,
+        mode: RecordMode,
+        fingerprint_of: Callable[[ModelSource], str | None] = fingerprint,
+    ):
         self.directory, self.mode = Path(directory), mode
         self._fingerprint_of = fingerprint_of
         self._fingerprints: dict[str, str | None] = {}
@@ -121,20 +175,20 @@ class Cassettes:
             relative = module_path.relative_to(rootpath)
         return self.directory / relative.with_suffix(".json")
 
-    def recorder(self, cassette_path: Path, source: ModelSource) -> Callable[[str, object], None] | None:
+    def recording(self, cassette_path: Path, source: ModelSource) -> Callable[[str, object], None] | None:
         """A ``record(text, output)`` for one model in one cassette, or None if nothing is to be recorded.
 
         ``once`` records a model's calls where its cassette lacks them or is stale; ``rewrite`` always.
         The decision is taken once per run, so a module's calls all land in one fresh entry.
         """
-        if self.mode == "none":
+        if self.mode is RecordMode.NONE:
             return None
         key = (cassette_path, source.name)
         if key not in self._entries:
             current = self.current_fingerprint(source)
             existing = self._all().get(cassette_path, {"version": VERSION, "models": {}})
             entry = existing["models"].get(source.name)
-            if self.mode == "rewrite" or entry is None or entry.get("fingerprint") != current:
+            if self.mode is RecordMode.REWRITE or entry is None or entry.get("fingerprint") != current:
                 cassette = self._recording.setdefault(cassette_path, json.loads(json.dumps(existing)))
                 cassette["models"][source.name] = {"fingerprint": current, "calls": {}}
                 self._entries[key] = cassette["models"][source.name]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from app.ml import CLASSIFICATION, SPARSE_EMBEDDING, LoadedModel, loading
 from app.ml.resolver import ModelSource
@@ -16,46 +17,56 @@ from ml_fixtures import fakes
 class ModelKind:
     name: str
     source: ModelSource
-    #: The public fixture that yields this model.
+    #: The public fixture that yields this model, and the one that yields a private copy.
     fixture: str
+    copy_fixture: str
     service: type
-    #: ``load_real(path, device, dtype)``, the application's own loader, looked up at call time
-    #: so that patches of ``app.ml.loading`` (the guard, the benchmark's probe) apply.
-    load_real: Callable[..., LoadedModel]
-    #: ``make_fake(replay)``: a fake model replaying recorded outputs (text -> output).
-    make_fake: Callable[[dict], LoadedModel]
+    #: The application's loader in ``app.ml.loading``, looked up by name at call time so that
+    #: patches of that module (the guard, the benchmark's probe) apply.
+    loader: str
+    #: ``make_fake(replay)``: a fake model replaying recorded outputs (``replay.get(text)``).
+    make_fake: Callable[..., LoadedModel]
     #: The service method that calls the model: texts in, one output row per text out.
     model_call: str
-    #: ``recordable(service, row)``: a row as a cassette stores it.
-    recordable: Callable[[object, object], object]
+    #: A service attribute naming a row's columns, where rows are lists (the classifier's labels).
+    row_keys: str | None = None
 
     @property
     def model_name(self) -> str:
         return self.source.name
 
-    def service_path(self, service: object) -> object:
-        """The explicit model path a service instance asks for, if any."""
-        return getattr(service, "model_path", None) or getattr(service, "model_dir", None)
+    def load_real(self, path: Path | None, device: str | None, dtype: str | None) -> LoadedModel:
+        return getattr(loading, self.loader)(path, device, dtype)
+
+    @staticmethod
+    def service_path(service: object) -> Path | None:
+        """The explicit model location a service instance asks for, if any."""
+        return service.model_path
+
+    def recordable(self, service: object, row: object) -> object:
+        """A model-call row as a cassette stores it: token -> weight, or label -> logit."""
+        return dict(zip(getattr(service, self.row_keys), row)) if self.row_keys else row
 
 
 SPARSE = ModelKind(
     name="sparse_embedding",
     source=SPARSE_EMBEDDING,
     fixture="sparse_embedding_model_cached",
+    copy_fixture="sparse_embedding_model_copy",
     service=SparseEmbeddingService,
-    load_real=lambda path, device, dtype: loading.load_sparse_embedding_model(path, device, dtype),
+    loader="load_sparse_embedding_model",
     make_fake=fakes.fake_sparse_embedding_model,
     model_call="_lexical_weights",
-    recordable=lambda service, weights: weights,
 )
 CLASSIFIER = ModelKind(
     name="classification",
     source=CLASSIFICATION,
     fixture="ml_classification_model_cached",
+    copy_fixture="ml_classification_model_copy",
     service=MLClassificationService,
-    load_real=lambda path, device, dtype: loading.load_classification_model(path, device, dtype),
+    loader="load_classification_model",
     make_fake=fakes.fake_classification_model,
     model_call="_logits",
-    recordable=lambda service, logits: dict(zip(service.labels, logits)),
+    row_keys="labels",
 )
 KINDS = (SPARSE, CLASSIFIER)

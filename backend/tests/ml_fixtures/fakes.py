@@ -4,8 +4,8 @@
 weights for the text's own tokens, keyed by token id. ``FakeSequenceClassifier`` answers
 like a transformers sequence classifier: logits over the real label set of the shipped
 dataset, favouring the label whose training texts share the most words with the input.
-Both replay a real model's recorded output for a text that a cassette holds (``replay``:
-text -> output, see ``cassettes.py``). ``test_fakes_match_real_interfaces`` (integration tree)
+Both replay a real model's recorded output for a text that a cassette holds (``replay.get(text)``:
+a dict, or ``cassettes.Replay``, which can also refuse unrecorded texts). ``test_fakes_match_real_interfaces`` (integration tree)
 checks them against the real classes.
 """
 
@@ -108,8 +108,9 @@ class FakeBGEM3Model:
         }
 
     def _weights(self, text: str, ids: list[int]) -> dict[str, float]:
-        if text in self.replay:
-            return {str(self.tokenizer.convert_tokens_to_ids(t)): w for t, w in self.replay[text].items()}
+        recorded = self.replay.get(text)
+        if recorded is not None:
+            return {str(self.tokenizer.convert_tokens_to_ids(t)): w for t, w in recorded.items()}
         special = set(self.tokenizer.all_special_ids)
         return {
             str(i): 0.05 + 0.3 * _stable_fraction(self.tokenizer.convert_ids_to_tokens(i)) for i in ids if i not in special

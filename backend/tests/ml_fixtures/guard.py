@@ -1,18 +1,23 @@
-"""Blocking real model loads in the unit trees, in the manner of pytest-django's database blocker.
+"""Blocking real model loads in the unit trees, in the manner of pytest-django's ``django_db_blocker``.
 
-In a test under ``ml_model_policy == "unit"`` that is not marked ``use_real_models``, the
-application's loaders, ``torch.load``, transformers' ``from_pretrained`` and FlagEmbedding's
-``BGEM3FlagModel`` fail the test with a message naming the marker, instead of passing slowly.
-Libraries that are not imported yet are patched the moment they are, so guarding costs a
-unit run no import.
+While a test under ``ml_model_policy == "unit"`` that is not marked ``use_real_models`` runs,
+the :class:`ModelBlocker` is blocked, and the application's loaders, ``torch.load``,
+transformers' ``from_pretrained`` and FlagEmbedding's ``BGEM3FlagModel`` fail the test with a
+message naming the marker, instead of passing slowly. A fixture that legitimately needs a
+real load takes ``ml_model_blocker`` and loads inside ``with ml_model_blocker.unblock():``.
+Libraries that are not imported yet are patched the moment they are (one import hook in
+``sys.meta_path`` while a test is blocked), so guarding costs a unit run no import.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.abc
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -25,23 +30,122 @@ LOADERS = {
     "transformers.models.auto.auto_factory": ("_BaseAutoModelClass.from_pretrained",),
     "FlagEmbedding.inference.embedder.encoder_only.m3": ("M3Embedder.__init__",),
 }
+MARKER = "use_real_models"
 
 
-def blocked_message(test: str, what: str) -> str:
-    return (
-        f"Real model load not allowed in this test: {test} called {what}.\n"
-        "Tests in backend/tests/unit/ and backend/tests/services/ run on fake models "
-        '(their conftest sets ml_model_policy to "unit").\n'
-        "Mark the test with @pytest.mark.use_real_models to load real models, "
-        "or move it to backend/tests/integration/."
-    )
+@dataclass(frozen=True)
+class BlockedTest:
+    """Why loads are blocked: which test, in which directory, under which policy."""
+
+    nodeid: str
+    directory: str
+    policy: str
+
+    @classmethod
+    def of(cls, item: pytest.Item, policy: str) -> BlockedTest:
+        try:
+            directory = item.path.parent.relative_to(item.config.rootpath)
+        except ValueError:
+            directory = item.path.parent
+        return cls(item.nodeid, f"{Path(directory).as_posix()}/", str(policy))
+
+    def message(self, what: str) -> str:
+        return (
+            f"Real model load not allowed in this test: {self.nodeid} called {what}.\n"
+            f'Tests in {self.directory} run on fake models: ml_model_policy is "{self.policy}" there.\n'
+            f"Mark the test with @pytest.mark.{MARKER} to load real models, or move it to a tree whose "
+            'ml_model_policy is "integration"; a fixture that must load one can do so inside '
+            "`with ml_model_blocker.unblock():`."
+        )
+
+
+class ModelBlocker:
+    """Whether real model loads are allowed now: the state behind the guard (``ml_model_blocker``).
+
+    ``block(test)`` and ``unblock()`` push a state, ``restore()`` pops it; both return a context
+    manager that restores on exit. Outside any test nothing is blocked.
+    """
+
+    def __init__(self) -> None:
+        self._history: list[BlockedTest | None] = []
+        self._hook = _PatchAfterImport()
+
+    @property
+    def blocked(self) -> BlockedTest | None:
+        """The test that loads are blocked for, or None while they are allowed."""
+        return self._history[-1] if self._history else None
+
+    @property
+    def is_active(self) -> bool:
+        """True while real loads are blocked."""
+        return self.blocked is not None
+
+    @property
+    def unblocked(self) -> bool:
+        """True inside ``unblock()``: loads are allowed on purpose, whatever the test."""
+        return bool(self._history) and self._history[-1] is None
+
+    def block(self, test: BlockedTest) -> contextlib.AbstractContextManager[None]:
+        self._history.append(test)
+        return self._restoring()
+
+    def unblock(self) -> contextlib.AbstractContextManager[None]:
+        """Allow real loads until the ``with`` block ends (or :meth:`restore`)."""
+        self._history.append(None)
+        return self._restoring()
+
+    def restore(self) -> None:
+        self._history.pop()
+
+    @contextlib.contextmanager
+    def _restoring(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self.restore()
+
+    def check(self, what: str) -> None:
+        """Fail the current test if loads are blocked (the stand-ins call this before loading)."""
+        if self.blocked is not None:
+            pytest.fail(self.blocked.message(what), pytrace=False)
+
+    def guard_test(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, test: BlockedTest) -> None:
+        """Block loads for the rest of ``request``'s test; patch every loader in :data:`LOADERS`."""
+
+        def patch_module(module: ModuleType) -> None:
+            for attribute in LOADERS[module.__name__]:
+                owner_name, _, name = attribute.rpartition(".")
+                what = f"{module.__name__}.{attribute}"
+                if not owner_name:
+                    monkeypatch.setattr(module, name, _blocking(getattr(module, name), what, self))
+                    continue
+                # Subclasses that carry their own copy (transformers' Auto classes) are patched too.
+                for owner in _with_own(getattr(module, owner_name), name):
+                    monkeypatch.setattr(owner, name, _blocking(owner.__dict__[name], what, self))
+
+        pending = {}
+        for module_name in LOADERS:
+            module = sys.modules.get(module_name)
+            if module is not None:
+                patch_module(module)
+            else:
+                pending[module_name] = patch_module
+        self._hook.patches = pending
+        sys.meta_path.insert(0, self._hook)
+        self.block(test)
+
+        def unguard() -> None:
+            self.restore()
+            sys.meta_path.remove(self._hook)
+
+        request.addfinalizer(unguard)
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
     """Runs ``patch(module)`` right after one of ``patches``' modules is first imported."""
 
-    def __init__(self, patches: dict[str, Callable[[ModuleType], None]]):
-        self.patches = patches
+    def __init__(self) -> None:
+        self.patches: dict[str, Callable[[ModuleType], None]] = {}
 
     def find_spec(self, fullname, path, target=None):
         patch = self.patches.get(fullname)
@@ -69,41 +173,32 @@ class _PatchingLoader(importlib.abc.Loader):
         self.patch(module)
 
 
-def _blocking(original, what: str, test: str, active: Callable[[], bool]):
-    """A stand-in that fails while the guard is active and defers to ``original`` after.
+def _with_own(cls: type, name: str) -> list[type]:
+    """``cls`` and every subclass of it whose own ``__dict__`` defines ``name``."""
+    found, todo, seen = [], [cls], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if name in current.__dict__:
+            found.append(current)
+        todo += current.__subclasses__()
+    return found
+
+
+def _blocking(original, what: str, blocker: ModelBlocker):
+    """A stand-in that fails while ``blocker`` blocks and defers to ``original`` otherwise.
 
     Deferring matters: a library may copy a loader while it is patched (transformers copies
     ``from_pretrained`` into each Auto class as it creates it), and that copy outlives the test.
     """
     if isinstance(original, (classmethod, staticmethod)):
-        return type(original)(_blocking(original.__func__, what, test, active))
+        return type(original)(_blocking(original.__func__, what, blocker))
 
     @functools.wraps(original)
     def blocked(*args, **kwargs):
-        if active():
-            pytest.fail(blocked_message(test, what), pytrace=False)
+        blocker.check(what)
         return original(*args, **kwargs)
 
     return blocked
-
-
-def install(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Block every loader in :data:`LOADERS` for the current test (undone with ``monkeypatch``)."""
-    test, active = request.node.nodeid, [True]
-    request.addfinalizer(active.clear)
-
-    def patch_module(module: ModuleType) -> None:
-        for attribute in LOADERS[module.__name__]:
-            owner_name, _, name = attribute.rpartition(".")
-            owner = getattr(module, owner_name) if owner_name else module
-            original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-            monkeypatch.setattr(owner, name, _blocking(original, f"{module.__name__}.{attribute}", test, lambda: bool(active)))
-
-    pending = {}
-    for module_name in LOADERS:
-        module = sys.modules.get(module_name)
-        if module is not None:
-            patch_module(module)
-        else:
-            pending[module_name] = patch_module
-    monkeypatch.setattr(sys, "meta_path", [_PatchAfterImport(pending), *sys.meta_path])

@@ -2,14 +2,56 @@
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-SCOPES = ("session", "module", "function")
 _UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+
+
+class Choice(enum.StrEnum):
+    """An option's closed set of values; :meth:`parse` turns a bad one into a ``UsageError`` listing them."""
+
+    @classmethod
+    def parse(cls, value: object, what: str):
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(member.value for member in cls)
+            raise pytest.UsageError(f"{what} must be one of {valid}; got {value!r}") from None
+
+
+class Policy(Choice):
+    """A directory's rule, from its ``ml_model_policy`` fixture."""
+
+    #: Fake models; real loads fail unless the test is marked; no network.
+    UNIT = "unit"
+    #: Fake models unless marked; real ones, from the pool, under the marker or a cached fixture.
+    INTEGRATION = "integration"
+
+
+class ModelScope(Choice):
+    SESSION = "session"
+    MODULE = "module"
+    FUNCTION = "function"
+
+
+class RecordMode(Choice):
+    NONE = "none"
+    ONCE = "once"
+    REWRITE = "rewrite"
+
+
+class ReplayMode(Choice):
+    #: Replay recorded outputs where a cassette holds the text, made-up output elsewhere.
+    FALLBACK = "fallback"
+    #: Replay only: a text that no current cassette holds fails the test.
+    STRICT = "strict"
+    #: Never replay: made-up output only.
+    NONE = "none"
 
 
 def parse_size(text: str) -> int:
@@ -26,12 +68,16 @@ def parse_size(text: str) -> int:
     return int(float(number) * _UNITS[unit])
 
 
+def _values(choice: type[Choice]) -> str:
+    return "|".join(member.value for member in choice)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("ml-models", "ML model fixtures (backend/tests/ML_MODEL_OPTIMIZATION.md)")
     group.addoption(
         "--ml-model-scope",
-        choices=SCOPES,
-        default="session",
+        default=ModelScope.SESSION.value,
+        metavar=_values(ModelScope),
         help="how long a real model stays loaded: session (default: shared pool, one load per model "
         "per process), module (released after each test module), function (loaded for every test)",
     )
@@ -63,10 +109,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--ml-record",
-        choices=("none", "once", "rewrite"),
-        default="none",
+        default=RecordMode.NONE.value,
+        metavar=_values(RecordMode),
         help="record the real models' calls into cassettes, one per test module: once (where missing or "
         "stale), rewrite (all); the fake models replay them in every run (default: none)",
+    )
+    group.addoption(
+        "--ml-replay",
+        default=ReplayMode.FALLBACK.value,
+        metavar=_values(ReplayMode),
+        help="what fake models answer: fallback (default: a recorded output where a cassette holds the text, "
+        "made-up output elsewhere), strict (recorded outputs only: an unrecorded text fails the test), "
+        "none (made-up output only)",
     )
     group.addoption(
         "--ml-cassette-dir",
@@ -84,24 +138,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @dataclass(frozen=True)
 class Settings:
-    scope: str
+    """Everything the options decide, read once per run (kept in ``config.stash``)."""
+
+    scope: ModelScope
     memory_budget: int
     report_path: str | None
     device: str | None
     #: None (fp16 on CUDA, fp32 on CPU) or "int8".
     dtype: str | None
-    record: str
+    record: RecordMode
+    replay: ReplayMode
     cassette_dir: Path
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Settings:
         device = config.getoption("ml_device")
         return cls(
-            scope=config.getoption("ml_model_scope"),
+            scope=ModelScope.parse(config.getoption("ml_model_scope"), "--ml-model-scope"),
             memory_budget=parse_size(config.getoption("ml_model_memory_budget")),
             report_path=config.getoption("ml_model_report"),
             device=None if device == "auto" else device,
             dtype=None if config.getoption("ml_quantize") == "none" else config.getoption("ml_quantize"),
-            record=config.getoption("ml_record"),
+            record=RecordMode.parse(config.getoption("ml_record"), "--ml-record"),
+            replay=ReplayMode.parse(config.getoption("ml_replay"), "--ml-replay"),
             cassette_dir=Path(config.getoption("ml_cassette_dir")),
         )

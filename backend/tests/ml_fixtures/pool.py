@@ -4,6 +4,10 @@ Every real load in a test run goes through :meth:`ModelPool.acquire`: the cached
 fixtures and the services alike. A model already in the pool is handed out again; a
 new one that would not fit the memory budget first evicts the least recently used.
 The scope policy (``--ml-model-scope``) decides when the plugin calls :meth:`clear`.
+
+Each entry keeps a :class:`~ml_fixtures.mutation.ModelSnapshot` taken at load: after every test
+the plugin asks :meth:`ModelPool.modified`, and :meth:`ModelPool.refresh` puts a fresh load's
+weights into a changed model's objects, so whoever holds it gets a clean model again.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 from app.ml import LoadedModel, ModelUnavailableError
 from app.ml.loading import model_nbytes
+from ml_fixtures.mutation import ModelSnapshot, restore_in_place
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class ModelKey:
 class _Entry:
     loaded: LoadedModel
     nbytes: int
+    load: Callable[[], LoadedModel]
+    snapshot: ModelSnapshot
 
 
 class ModelPool:
@@ -74,8 +81,26 @@ class ModelPool:
             nbytes = self._size_of(loaded.model)
             self._known_sizes[key] = nbytes
             self._make_room(nbytes)
-            self._entries[key] = _Entry(loaded, nbytes)
+            self._entries[key] = _Entry(loaded, nbytes, load, ModelSnapshot(loaded.model))
             return loaded
+
+    def modified(self) -> list[tuple[ModelKey, list[str]]]:
+        """Pooled models that differ from their state at load, with what changed."""
+        with self._lock:
+            found = [(key, entry.snapshot.changes()) for key, entry in self._entries.items()]
+        return [(key, changes) for key, changes in found if changes]
+
+    def refresh(self, key: ModelKey) -> None:
+        """Load ``key``'s model again and restore the pooled objects from it, in place."""
+        with self._lock:
+            entry = self._entries[key]
+            try:
+                fresh = self._on_load(key, entry.load)
+            except ModelUnavailableError:  # cannot be cleaned: drop it, the next acquire loads anew
+                del self._entries[key]
+                raise
+            restore_in_place(entry.loaded.model, fresh.model)
+            entry.snapshot = ModelSnapshot(entry.loaded.model)
 
     @property
     def used_bytes(self) -> int:

@@ -5,7 +5,6 @@ The library's self-tests and the benchmark both run generated suites on the real
 
 from __future__ import annotations
 
-import configparser
 import shutil
 from pathlib import Path
 
@@ -21,12 +20,13 @@ def python_path(*extra: Path) -> list[str]:
 
 
 def lay_out(root: Path) -> None:
-    """Write ``pytest.ini`` (the repository's markers) and copy the root and per-tree conftests."""
-    ini = configparser.ConfigParser()
-    ini.read(REPO / "pytest.ini")
-    markers = ini["pytest"]["markers"].replace("\n", "\n    ")
+    """Write ``pytest.ini`` and copy the root and per-tree conftests (the plugin registers the markers).
+
+    The ini's ``pythonpath`` finds ``app`` and ``ml_fixtures`` in any process that runs the tree:
+    this one, a child pytest, an xdist worker.
+    """
     (root / "pytest.ini").write_text(
-        f"[pytest]\naddopts = --strict-markers -p no:cacheprovider\nmarkers ={markers}\n"
+        f"[pytest]\npythonpath = {' '.join(python_path())}\naddopts = --strict-markers -p no:cacheprovider\n"
     )
     shutil.copy(TESTS / "conftest.py", root / "conftest.py")
     for tree in TREES:

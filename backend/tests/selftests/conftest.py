@@ -1,9 +1,14 @@
-"""Self-tests of the ML fixture library: pytester runs of small trees built on the real conftests."""
+"""Self-tests of the ML fixture library: pytester runs of small trees built on the real conftests.
+
+Runs are in-process (``runpytest_inprocess``): the inner session gets its own plugin state
+(pool, report, blocker) but shares this process's imports, so a self-test pays no second import
+of torch, transformers and FlagEmbedding. Only the tests whose claim is process isolation
+(import-light unit runs, xdist workers, racing builds) start a child process.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 from pathlib import Path
 
@@ -14,13 +19,28 @@ from ml_fixtures import scaffold
 TESTS, REPO = scaffold.TESTS, scaffold.REPO
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ml_libraries_imported() -> None:
+    """Import the ML libraries here once: pytester restores ``sys.modules`` after each in-process
+    run, and torch cannot be imported a second time into one process."""
+    import FlagEmbedding  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+
+@pytest.fixture(scope="session")
+def ml_model_policy() -> str:
+    """The self-tests load models only inside the sessions they run, each with its own guard."""
+    return "integration"
+
+
 class MLTree:
-    """A throwaway test tree with the repository's real conftests, run in a fresh process."""
+    """A throwaway test tree with the repository's real conftests."""
 
     def __init__(self, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
         self.pytester, self.monkeypatch = pytester, monkeypatch
         self.root = pytester.path
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(scaffold.python_path(self.root)))
+        self.report = self.root / "ml-report.json"
         scaffold.lay_out(self.root)
 
     def write(self, relpath: str, source: str) -> Path:
@@ -29,11 +49,18 @@ class MLTree:
         path.write_text(textwrap.dedent(source))
         return path
 
-    def run(self, *args: str, **env: str) -> pytest.RunResult:
-        """Run pytest on the tree in a fresh process (``env`` is added to its environment)."""
+    def _env(self, env: dict[str, str]) -> None:
         for key, value in env.items():
             self.monkeypatch.setenv(key, value)
-        self.report = self.root / "ml-report.json"
+
+    def run(self, *args: str, **env: str) -> pytest.RunResult:
+        """Run pytest on the tree in this process (``env`` is added to the environment)."""
+        self._env(env)
+        return self.pytester.runpytest_inprocess(f"--ml-model-report={self.report}", *args)
+
+    def run_in_subprocess(self, *args: str, **env: str) -> pytest.RunResult:
+        """Run pytest on the tree in a fresh process: for claims about what a process imports."""
+        self._env(env)
         return self.pytester.runpytest_subprocess(f"--ml-model-report={self.report}", *args, timeout=300)
 
     def loads(self) -> dict:

@@ -51,7 +51,7 @@ def test_record_replay_stale_and_rerecord(ml_tree):
     ml_tree.run("integration", "--ml-record=once", *options).assert_outcomes(passed=1)
     recorded = json.loads(cassette.read_text())
     assert set(recorded["models"]) == {"BAAI/bge-m3", "backend/taxonomy-classifier"}
-    assert all(entry["fingerprint"].startswith("sha256:") for entry in recorded["models"].values())
+    assert all(entry["fingerprint"].startswith("recipe:") for entry in recorded["models"].values())
 
     ml_tree.run("unit", *options, CASSETTE=str(cassette)).assert_outcomes(passed=3)
     assert ml_tree.loads()["loads"] == 0 and ml_tree.loads()["stale_cassettes"] == []

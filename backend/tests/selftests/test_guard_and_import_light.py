@@ -47,8 +47,8 @@ def test_real_loads_in_unit_trees_fail_naming_the_marker(ml_tree):
         result.stdout.fnmatch_lines(
             [
                 f"Real model load not allowed in this test: unit/test_guarded.py::* called {what}.",
-                "Tests in backend/tests/unit/ and backend/tests/services/ run on fake models *",
-                "Mark the test with @pytest.mark.use_real_models to load real models, *",
+                'Tests in unit/ run on fake models: ml_model_policy is "unit" there.',
+                "Mark the test with @pytest.mark.use_real_models to load real models, *ml_model_blocker.unblock()*",
             ]
         )
     result.stdout.fnmatch_lines(
@@ -78,7 +78,7 @@ def test_the_unit_and_services_trees_never_import_ml_libraries(ml_tree):
         """,
     )
     probe = ml_tree.root / "probe.jsonl"
-    result = ml_tree.run(
+    result = ml_tree.run_in_subprocess(
         "-p", "heavy_import_probe", "-c", str(REPO / "pytest.ini"), "--rootdir", str(REPO),
         str(TESTS / "unit"), str(TESTS / "services"),
         PROBE_OUT=str(probe),

@@ -106,11 +106,27 @@ def test_a_small_budget_evicts_the_least_recently_used(suite):
     ]
 
 
-def test_xdist_workers_give_the_same_results_and_load_each_model_once(suite):
-    result = suite.run("-n", "2", "--dist", "loadgroup", "-k", "not release")
-    result.assert_outcomes(passed=7)
-    report = suite.loads()
-    per_worker = collections.Counter((r["worker"], r["model"]) for r in report["records"])
-    assert set(per_worker.values()) == {1}
-    assert {worker for worker, _ in per_worker} <= {"gw0", "gw1"}
-    assert loads_per_model(report) == {"BAAI/bge-m3": 1, "backend/taxonomy-classifier": 1}
+def test_xdist_workers_give_the_same_results_and_load_each_model_once(ml_tree):
+    # Real worker processes (the claim). The classifier alone spares the workers FlagEmbedding's
+    # 5 s import; its tests sit in two modules, which plain --dist load would spread over both workers.
+    ml_tree.write("integration/test_a_classifier.py", CLASSIFIER_MODULE.format(n=3))
+    ml_tree.write("integration/test_b_classifier.py", CLASSIFIER_MODULE.format(n=3))
+    ml_tree.write(
+        "unit/test_fakes.py",
+        """
+        import pytest
+        from app.services.ml_classification_service import MLClassificationService
+
+        @pytest.mark.parametrize("i", range(6))
+        def test_fake(test_db, i):
+            assert MLClassificationService(test_db).predict("The striker scored a goal").predictions
+        """,
+    )
+    result = ml_tree.run("-n", "2", "--dist", "loadgroup")
+    result.assert_outcomes(passed=12)
+    report = ml_tree.loads()
+    assert [(r["model"], r["policy"]) for r in report["records"]] == [
+        ("backend/taxonomy-classifier [auto, default]", "integration")
+    ]
+    assert report["records"][0]["worker"] in {"gw0", "gw1"}
+    assert {"gw0", "gw1"} <= set(report["peak_rss_mb_by_worker"])

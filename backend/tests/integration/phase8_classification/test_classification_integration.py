@@ -69,7 +69,7 @@ def test_classify_resource_stores_predictions(service, test_db):
 
 def test_train_saves_a_model_with_label_map_and_version(tmp_path, test_db):
     examples = [(text, label) for text, label in dataset_examples("train") if label in ("sports", "cooking")][::4]
-    service = MLClassificationService(test_db, model_dir=tmp_path / "clf")
+    service = MLClassificationService(test_db, model_path=tmp_path / "clf")
     version = service.train(examples, epochs=2)
     config = json.loads((tmp_path / "clf" / "config.json").read_text())
     assert config["model_version"] == version
@@ -82,4 +82,4 @@ def test_train_saves_a_model_with_label_map_and_version(tmp_path, test_db):
 def test_a_corrupt_model_is_a_model_unavailable_error_naming_the_path(tmp_path, test_db):
     (tmp_path / "config.json").write_text("{ not json")
     with pytest.raises(ModelUnavailableError, match=str(tmp_path)):
-        MLClassificationService(test_db, model_dir=tmp_path).predict("text")
+        MLClassificationService(test_db, model_path=tmp_path).predict("text")

@@ -45,7 +45,9 @@ class LoadRecord:
 
 
 @dataclass
-class LoadRecorder:
+class LoadReport:
+    """Every real load of a run (per xdist worker; merged on the controller), printed and written as JSON."""
+
     worker: str = "main"
     records: list[LoadRecord] = field(default_factory=list)
     peak_rss_by_worker: dict[str, float] = field(default_factory=dict)
@@ -62,8 +64,9 @@ class LoadRecorder:
         before, start = _rss_mb(), time.perf_counter()
         loaded = load()
         seconds = time.perf_counter() - start
+        policy = None if self.current_policy is None else str(self.current_policy)  # plain str: xdist sends it
         self.records.append(
-            LoadRecord(str(key), self.current_test, self.current_policy, seconds, before, _rss_mb(), self.worker)
+            LoadRecord(str(key), self.current_test, policy, seconds, before, _rss_mb(), self.worker)
         )
         return loaded
 
