@@ -3,15 +3,18 @@
 Each build is deterministic (fixed seed), happens once per recipe into the model cache
 directory, atomically (a temporary directory renamed into place) and under a file lock,
 so that parallel test workers never see half a model. Changing a recipe changes its key,
-hence its directory, so the model is rebuilt.
+hence its directory, so the model is rebuilt. A build says what it is doing on the logger
+``app.ml.embedded`` (INFO): the test plugin shows those lines in pytest's terminal.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from filelock import FileLock
 
 from app import config
 
+logger = logging.getLogger(__name__)
 SEED = 20240601
 #: Files of the packaged encoder that a transformers model directory needs.
 ENCODER_FILES = (
@@ -55,11 +59,18 @@ def _seed_fingerprint() -> dict:
 
 
 def build_once(
-    name: str, recipe: dict, build: Callable[[Path], None], cache_dir: Path | None = None, allow_build: bool = True
+    name: str,
+    recipe: dict,
+    build: Callable[[Path], None],
+    cache_dir: Path | None = None,
+    allow_build: bool = True,
+    what: str | None = None,
+    expected: str = "5 s",
 ) -> Path:
     """Return ``cache_dir/name-KEY``, building it with ``build(tmp_dir)`` if absent.
 
-    With ``allow_build=False`` an absent directory raises FileNotFoundError instead.
+    With ``allow_build=False`` an absent directory raises FileNotFoundError instead. ``what``
+    names the model in the lines logged while it is built, ``expected`` how long that takes.
     """
     cache_dir = Path(cache_dir or config.model_cache_dir())
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
@@ -72,6 +83,9 @@ def build_once(
     with FileLock(str(final) + ".lock"):
         if final.is_dir():  # another process built it while we waited
             return final
+        what = what or name
+        logger.info("building %s (first run on this machine, about %s) …", what, expected)
+        start = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
         try:
             build(tmp)
@@ -80,6 +94,7 @@ def build_once(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        logger.info("built %s in %.1f s: %s", what, time.perf_counter() - start, final)
     return final
 
 
@@ -111,7 +126,7 @@ def _build_bge_m3(dest: Path) -> None:
 def embedded_bge_m3_dir(cache_dir: Path | None = None, build: bool = True) -> Path:
     """A directory in bge-m3's layout that ``BGEM3FlagModel`` loads unchanged."""
     recipe = {**BGE_M3_RECIPE, "seed_model": _seed_fingerprint()}
-    return build_once("bge-m3-embedded", recipe, _build_bge_m3, cache_dir, allow_build=build)
+    return build_once("bge-m3-embedded", recipe, _build_bge_m3, cache_dir, allow_build=build, what="the embedded BGE-M3")
 
 
 def load_dataset(path: Path = DATASET_PATH) -> list[dict]:
@@ -142,4 +157,7 @@ def embedded_classifier_dir(cache_dir: Path | None = None, build: bool = True) -
             base_name=config.CLASSIFICATION_BASE_MODEL_NAME,
         )
 
-    return build_once("taxonomy-classifier-embedded", recipe, train, cache_dir, allow_build=build)
+    return build_once(
+        "taxonomy-classifier-embedded", recipe, train, cache_dir, allow_build=build,
+        what="the embedded classifier", expected="40 s",
+    )

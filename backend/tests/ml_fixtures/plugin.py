@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 import pytest
@@ -21,6 +23,7 @@ pool_key = pytest.StashKey[ModelPool]()
 load_report_key = pytest.StashKey[LoadReport]()
 cassettes_key = pytest.StashKey[Cassettes]()
 blocker_key = pytest.StashKey[ModelBlocker]()
+build_lines_key = pytest.StashKey[logging.Handler]()
 #: The test being run: module-scoped fixtures are set up on behalf of whichever test comes first.
 current_item_key = pytest.StashKey["pytest.Item | None"]()
 #: A fresh load into the pooled model's objects costs this much here (see ML_MODEL_OPTIMIZATION.md).
@@ -58,6 +61,31 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[current_item_key] = None
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistReport(report), "ml-models-xdist")
+    config.stash[build_lines_key] = _TerminalLines(config)
+    logging.getLogger("app.ml.embedded").addHandler(config.stash[build_lines_key])
+    logging.getLogger("app.ml.embedded").setLevel(logging.INFO)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if build_lines_key in config.stash:
+        logging.getLogger("app.ml.embedded").removeHandler(config.stash[build_lines_key])
+
+
+class _TerminalLines(logging.Handler):
+    """Shows log lines (the embedded models' builds) in pytest's terminal, even with capture on."""
+
+    def __init__(self, config: pytest.Config):
+        super().__init__(logging.INFO)
+        self.config = config
+
+    def emit(self, record: logging.LogRecord) -> None:
+        terminal = self.config.pluginmanager.get_plugin("terminalreporter")
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        if terminal is None:  # an xdist worker: no terminal of its own
+            return
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            terminal.ensure_newline()
+            terminal.write_line(self.format(record))
 
 
 def cached_fixture_scope(fixture_name: str, config: pytest.Config) -> str:
