@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test bench venv
+.PHONY: test bench venv seed-scale-model
 
 venv: $(STAMP)
 
@@ -20,3 +20,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+# bge-m3's architecture at full size with random weights (2.2 GB, about 30 s once); prints its directory.
+seed-scale-model: $(STAMP)
+	PYTHONPATH=backend $(PY) -m app.ml.seed_scale

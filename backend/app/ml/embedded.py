@@ -21,6 +21,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from app import config
+from app.ml import term_importance
 
 logger = logging.getLogger(__name__)
 SEED = 20240601
@@ -34,12 +35,14 @@ ENCODER_FILES = (
     "vocab.txt",
 )
 BGE_M3_RECIPE = {
-    "recipe": 1,
+    "recipe": 2,
     "seed": SEED,
-    # relu(w.h + b) with |w.h| <= SPARSE_PROJECTION_NORM * |h| < b for the encoder's
-    # layer-normed states, so every real token gets a positive weight near b.
-    "sparse_bias": 0.25,
-    "sparse_projection_norm": 0.01,
+    # relu(w.h + b) fitted by ridge regression on the encoder's last hidden states so that it
+    # approximates the term-importance table (term_importance.py): content words weigh by
+    # rarity, function words and punctuation get a negative target, hence weight 0.
+    "sparse_head": "ridge fit to term importance",
+    "sparse_ridge": 10.0,
+    "sparse_zero_target": -0.3,
 }
 CLASSIFIER_RECIPE = {"recipe": 2, "seed": SEED, "epochs": 12, "learning_rate": 1e-4, "batch_size": 16}
 DATASET_PATH = Path(__file__).parent / "data" / "taxonomy.jsonl"
@@ -110,22 +113,56 @@ def _build_bge_m3(dest: Path) -> None:
     _copy_encoder(dest)
     hidden = json.loads((dest / "config.json").read_text())["hidden_size"]
     generator = torch.Generator().manual_seed(SEED)
-    direction = torch.randn(1, hidden, generator=generator)
-    sparse = {
-        "weight": direction / direction.norm() * BGE_M3_RECIPE["sparse_projection_norm"],
-        "bias": torch.tensor([BGE_M3_RECIPE["sparse_bias"]]),
-    }
     colbert = {
         "weight": torch.randn(hidden, hidden, generator=generator) / hidden**0.5,
         "bias": torch.zeros(hidden),
     }
-    torch.save(sparse, dest / "sparse_linear.pt")
+    torch.save(fit_sparse_head(dest, [text for text, _ in dataset_examples("train")]), dest / "sparse_linear.pt")
     torch.save(colbert, dest / "colbert_linear.pt")
+
+
+def token_targets(text: str, offsets: list[tuple[int, int]], table: term_importance.TermImportance) -> list[float]:
+    """Each token's target weight: that of the word it is part of; special tokens (empty span) get 0."""
+    spans = [(m.start(), m.end(), m.group()) for m in term_importance.WORD.finditer(text.lower())]
+    targets = []
+    for start, end in offsets:
+        word = next((w for s, e, w in spans if s <= start < e), None) if end > start else None
+        targets.append(table.weight(word) if word else 0.0)
+    return targets
+
+
+def fit_sparse_head(encoder_dir: Path, texts: list[str]) -> dict:
+    """``sparse_linear`` weights: ridge regression of the term-importance targets on the hidden states."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    table = term_importance.shipped()
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+    encoder = AutoModel.from_pretrained(encoder_dir).eval()
+    states, targets = [], []
+    with torch.inference_mode():
+        for start in range(0, len(texts), 32):
+            batch = texts[start : start + 32]
+            inputs = tokenizer(batch, padding=True, truncation=True, return_offsets_mapping=True, return_tensors="pt")
+            offsets = inputs.pop("offset_mapping").tolist()
+            hidden = encoder(**inputs).last_hidden_state
+            for i, text in enumerate(batch):
+                length = int(inputs["attention_mask"][i].sum())
+                states.append(hidden[i, :length])
+                targets += token_targets(text, [tuple(o) for o in offsets[i][:length]], table)
+    x = torch.cat(states).double()
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    zero = BGE_M3_RECIPE["sparse_zero_target"]
+    y = torch.tensor([t if t > 0 else zero for t in targets], dtype=x.dtype)
+    penalty = BGE_M3_RECIPE["sparse_ridge"] * torch.eye(x.shape[1], dtype=x.dtype)
+    penalty[-1, -1] = 0  # the bias is not shrunk
+    solution = torch.linalg.solve(x.T @ x + penalty, x.T @ y)
+    return {"weight": solution[:-1].float().unsqueeze(0), "bias": solution[-1:].float()}
 
 
 def embedded_bge_m3_dir(cache_dir: Path | None = None, build: bool = True) -> Path:
     """A directory in bge-m3's layout that ``BGEM3FlagModel`` loads unchanged."""
-    recipe = {**BGE_M3_RECIPE, "seed_model": _seed_fingerprint()}
+    recipe = {**BGE_M3_RECIPE, "seed_model": _seed_fingerprint(), "term_table": term_importance.shipped().fingerprint()}
     return build_once("bge-m3-embedded", recipe, _build_bge_m3, cache_dir, allow_build=build, what="the embedded BGE-M3")
 
 

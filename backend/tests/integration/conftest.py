@@ -12,3 +12,15 @@ def ml_model_policy() -> str:
 def model_output_tolerance(pytestconfig) -> float:
     """Absolute tolerance between a batched and a single call: int8 quantizes activations per batch."""
     return 1e-2 if pytestconfig.getoption("ml_quantize") == "int8" else 1e-4
+
+
+@pytest.fixture
+def trained_sparse_model(sparse_embedding_model_cached):
+    """Skips the test where the BGE-M3 in use has untrained weights (the seed-scale model)."""
+    from app.ml import SPARSE_EMBEDDING, resolve_model_path
+    from app.ml.seed_scale import has_random_weights
+
+    path = resolve_model_path(SPARSE_EMBEDDING, build=False)
+    if has_random_weights(path):
+        pytest.skip(f"needs trained term weights; {path} is the seed-scale model, whose weights are random")
+    return sparse_embedding_model_cached

@@ -25,7 +25,7 @@ def test_search_before(test_db):
 
 # After: marked, and served by the pooled real model (loaded once per run).
 @pytest.mark.use_real_models
-def test_search_after(sparse_embedding_model_cached, test_db):
+def test_search_after(sparse_embedding_model_cached, test_db, trained_sparse_model):
     model, tokenizer, device = sparse_embedding_model_cached
     service = SparseEmbeddingService(test_db)
     python = _index(test_db, service)

@@ -1,25 +1,26 @@
 """Deterministic fake models with the interfaces the services use, and no ML library.
 
 ``FakeBGEM3Model`` answers ``encode`` like FlagEmbedding's ``BGEM3FlagModel``: lexical
-weights for the text's own tokens, keyed by token id. ``FakeSequenceClassifier`` answers
-like a transformers sequence classifier: logits over the real label set of the shipped
+weights for the text's own tokens, keyed by token id, from the term-importance table that the
+embedded BGE-M3 is fitted to (``app.ml.term_importance``): rare words weigh most, function words
+and punctuation get 0 and are left out, as a trained BGE-M3 does. ``FakeSequenceClassifier``
+answers like a transformers sequence classifier: logits over the real label set of the shipped
 dataset, favouring the label whose training texts share the most words with the input.
+
 Both replay a real model's recorded output for a text that a cassette holds (``replay.get(text)``:
-a dict, or ``cassettes.Replay``, which can also refuse unrecorded texts). ``test_fakes_match_real_interfaces`` (integration tree)
-checks them against the real classes.
+a dict, or ``cassettes.Replay``, which can also refuse unrecorded texts).
+``integration/test_fakes_match_real_interfaces.py`` checks them against the real classes.
 """
 
 from __future__ import annotations
 
 import functools
-import re
 import zlib
 from types import SimpleNamespace
 
-from app.ml import LoadedModel
+from app.ml import LoadedModel, term_importance
 from app.ml.embedded import load_dataset
 
-_WORD = re.compile(r"\w+|[^\w\s]")
 _SPECIAL = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
 
 
@@ -46,7 +47,7 @@ class FakeTokenizer:
         self._texts_by_ids: dict[tuple[int, ...], str] = {}
 
     def tokenize(self, text: str) -> list[str]:
-        return _WORD.findall(text.lower())
+        return term_importance.words(text)
 
     def convert_tokens_to_ids(self, token: str) -> int:
         token_id = _SPECIAL[token] if token in _SPECIAL else 1000 + zlib.crc32(token.encode()) % 1_000_000
@@ -81,7 +82,7 @@ class FakeTokenizer:
 
 
 class FakeBGEM3Model:
-    """``BGEM3FlagModel.encode`` on made-up weights: every token of the text gets one in (0.05, 0.35]."""
+    """``BGEM3FlagModel.encode`` with the term-importance table's weights; weight-0 tokens left out."""
 
     def __init__(self, tokenizer: FakeTokenizer | None = None, replay: dict | None = None) -> None:
         self.tokenizer = tokenizer or FakeTokenizer()
@@ -111,10 +112,9 @@ class FakeBGEM3Model:
         recorded = self.replay.get(text)
         if recorded is not None:
             return {str(self.tokenizer.convert_tokens_to_ids(t)): w for t, w in recorded.items()}
-        special = set(self.tokenizer.all_special_ids)
-        return {
-            str(i): 0.05 + 0.3 * _stable_fraction(self.tokenizer.convert_ids_to_tokens(i)) for i in ids if i not in special
-        }
+        special, table = set(self.tokenizer.all_special_ids), term_importance.shipped()
+        weights = {str(i): table.weight(self.tokenizer.convert_ids_to_tokens(i)) for i in ids if i not in special}
+        return {token_id: weight for token_id, weight in weights.items() if weight > 0}
 
 
 @functools.cache
@@ -122,7 +122,7 @@ def _label_vocabulary() -> dict[str, frozenset[str]]:
     words: dict[str, set[str]] = {}
     for row in load_dataset():
         if row["split"] == "train":
-            words.setdefault(row["label"], set()).update(w for w in _WORD.findall(row["text"].lower()) if len(w) > 3)
+            words.setdefault(row["label"], set()).update(w for w in term_importance.words(row["text"]) if len(w) > 3)
     return {label: frozenset(ws) for label, ws in sorted(words.items())}
 
 

@@ -34,10 +34,28 @@ def test_the_seam_gives_the_fake_model(service):
     assert isinstance(service.loaded.model, FakeBGEM3Model)
 
 
-def test_weights_are_the_texts_own_tokens_and_positive(service):
+def test_weights_are_the_texts_own_content_words_and_positive(service):
     weights = service.generate_embedding("Sparse retrieval with lexical weights")
-    assert set(weights) == {"sparse", "retrieval", "with", "lexical", "weights"}
+    assert set(weights) == {"sparse", "retrieval", "lexical", "weights"}  # "with" weighs nothing
     assert all(weight > 0 for weight in weights.values())
+
+
+def test_a_rare_word_outweighs_a_common_one_and_function_words_weigh_nothing(service):
+    weights = service.generate_embedding("The glacier of the north and the new station")
+    assert not {"the", "of", "and"} & set(weights)
+    assert weights["glacier"] > weights["new"] > 0
+
+
+def test_a_rare_query_word_beats_a_stopword_stuffed_document(service, test_db):
+    from app.models import Resource
+
+    topical = Resource(title="Glacier", content="The glacier is retreating")
+    stuffed = Resource(title="Notes", content="the of the and the of the in the of the north")
+    test_db.add_all([topical, stuffed])
+    test_db.commit()
+    service.embed_resource(topical.id)
+    service.embed_resource(stuffed.id)
+    assert service.search("the glacier of the north")[0][0] == topical.id
 
 
 def test_special_tokens_are_removed(service):

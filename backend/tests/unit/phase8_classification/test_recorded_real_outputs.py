@@ -33,4 +33,4 @@ def test_keyword_search_ranks_with_the_real_weights(test_db):
     service = SparseEmbeddingService(test_db)
     weights = service.generate_embedding("python programming")
     assert weights == {t: w for t, w in calls["python programming"].items() if t != "[SEP]"}
-    assert 0.15 < min(weights.values()) <= max(weights.values()) < 0.35  # the embedded head's range
+    assert weights.keys() == {"python", "programming"} and min(weights.values()) > 0
