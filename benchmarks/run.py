@@ -16,36 +16,83 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+import psutil
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(REPO / "backend"), str(REPO / "backend" / "tests"), str(HERE)]
 
+import chart  # noqa: E402
 from ml_fixtures import scaffold  # noqa: E402
-from suite import PEER_FIXTURES, Sizes, generate, generate_bare_unit  # noqa: E402
+from suite import PEER_FIXTURES, SCALE_TEST, Sizes, generate, generate_bare_unit  # noqa: E402
 
 PACKAGES = ("torch", "transformers", "FlagEmbedding", "pytest", "pytest-xdist", "SQLAlchemy")
 
 
-def run_pytest(root: Path, args: list[str]) -> dict:
-    """One fresh pytest process: wall seconds and the load probe's numbers, summed over processes."""
+class MemorySampler(threading.Thread):
+    """Samples the summed PSS of a process and all its descendants until stopped; keeps the peak.
+
+    PSS (proportional set size) charges each shared page to its processes in equal parts, so the
+    sum over processes counts a memory-mapped model that two workers share once, where summing
+    their RSS would count it twice.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.root, self.interval = psutil.Process(pid), interval
+        self.peak_pss = 0
+        self._stop_event = threading.Event()
+
+    def sample(self) -> int:
+        total = 0
+        try:
+            processes = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return 0
+        for process in processes:
+            try:
+                total += process.memory_full_info().pss
+            except psutil.Error:  # exited between the listing and the read
+                pass
+        return total
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak_pss = max(self.peak_pss, self.sample())
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return self.peak_pss
+
+
+def run_pytest(root: Path, args: list[str], env: dict[str, str] | None = None) -> dict:
+    """One fresh pytest process: wall seconds, summed PSS, and the load probe's numbers over its processes."""
     probe_out = root / "probe.jsonl"
     probe_out.unlink(missing_ok=True)
     env = {
         **os.environ,
+        **(env or {}),
         "PYTHONPATH": os.pathsep.join(scaffold.python_path(HERE)),
         "BENCH_PROBE_OUT": str(probe_out),
     }
     command = [sys.executable, "-m", "pytest", "-q", "-p", "load_probe", *args]
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = MemorySampler(process.pid)
+    sampler.start()
+    stdout, stderr = process.communicate()
     wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed in {root}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return measured(probe_out, wall)
+    peak_pss = sampler.stop()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed in {root}:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return {**measured(probe_out, wall), "pss_mb": peak_pss / 2**20}
 
 
 def measured(probe_out: Path, wall: float) -> dict:
@@ -55,7 +102,9 @@ def measured(probe_out: Path, wall: float) -> dict:
         "wall_s": wall,
         "loads": sum(p["loads"] for p in processes),
         "load_s": sum(p["load_s"] for p in processes),
+        #: The largest peak RSS of one process (each process's ru_maxrss), for comparison with PSS.
         "peak_rss_mb": max(p["peak_rss_mb"] for p in processes),
+        "processes": len(processes),
         "torch_imported": any("torch" in p["heavy_imported"] for p in processes),
     }
 
@@ -70,8 +119,10 @@ def run_probe(name: str, *numbers: int) -> dict:
 
 def summarize(runs: list[dict]) -> dict:
     summary = {}
-    for field in ("wall_s", "loads", "load_s", "peak_rss_mb"):
-        values = [run[field] for run in runs]
+    for field in ("wall_s", "loads", "load_s", "pss_mb", "peak_rss_mb"):
+        values = [run[field] for run in runs if field in run]
+        if not values:
+            continue
         summary[field] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
     summary["torch_imported"] = any(run["torch_imported"] for run in runs)
     summary["runs"] = runs
@@ -102,6 +153,14 @@ def _range(stat: dict, digits: int = 1) -> str:
 
 
 def markdown(results: dict) -> str:
+    """The tables of every section that ``results`` has."""
+    lines = core_markdown(results) if "configurations" in results else []
+    if "scale" in results:
+        lines += ["", *scale_markdown(results["scale"])]
+    return "\n".join(lines).strip()
+
+
+def core_markdown(results: dict) -> list[str]:
     configs, sizes = results["configurations"], Sizes(**results["sizes"])
     function_wall = configs["scope=function"]["wall_s"]["median"]
     lines = [
@@ -110,14 +169,14 @@ def markdown(results: dict) -> str:
         f"{results['runs']} runs each, alternating; median [min–max]. "
         f"{results['machine']['cpu_count']} CPUs, {results['date']}.",
         "",
-        "| configuration | wall s | real loads | load s | peak RSS MB | wall / function |",
-        "|---|---|---|---|---|---|",
+        "| configuration | wall s | real loads | load s | memory MB (summed PSS) | peak RSS MB (one process) | wall / function |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, c in configs.items():
         ratio = c["wall_s"]["median"] / function_wall
         lines.append(
             f"| {name} | {_range(c['wall_s'])} | {_range(c['loads'], 0)} | {_range(c['load_s'])} | "
-            f"{_range(c['peak_rss_mb'], 0)} | {ratio:.2f} |"
+            f"{_range(c['pss_mb'], 0) if 'pss_mb' in c else '–'} | {_range(c['peak_rss_mb'], 0)} | {ratio:.2f} |"
         )
     with_lib, without = configs["unit trees, fixture library"], configs["unit trees, no fixture library"]
     floor = results["floor"]
@@ -157,7 +216,89 @@ def markdown(results: dict) -> str:
             f"Top-1 classification agreement int8 vs fp32: {q['top1_agreement']:.3f}; "
             f"mean overlap of top-10 sparse search results: {q['top10_overlap']:.3f}.",
         ]
-    return "\n".join(lines)
+    return lines
+
+
+def scale_markdown(scale: dict) -> list[str]:
+    configs = scale["configurations"]
+    function_wall = configs["scope=function"]["wall_s"]["median"]
+    lines = [
+        f"Seed scale: {scale['model']} ({scale['parameters'] / 1e6:.0f}M parameters, {scale['model_gb']:.2f} GB on disk); "
+        f"{scale['tests']} tests in {scale['modules']} modules; {scale['runs']} runs each, alternating; median [min–max].",
+        "",
+        "| configuration | wall s | real loads | load s | memory MB (summed PSS) | peak RSS MB (one process) | processes | wall / function |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in configs.items():
+        lines.append(
+            f"| {name} | {_range(c['wall_s'])} | {_range(c['loads'], 0)} | {_range(c['load_s'])} | "
+            f"{_range(c['pss_mb'], 0)} | {_range(c['peak_rss_mb'], 0)} | {c['runs'][0]['processes']} | "
+            f"{c['wall_s']['median'] / function_wall:.2f} |"
+        )
+    return lines
+
+
+def scale_configurations(workdir: Path, modules: int, tests: int) -> dict[str, tuple[Path, list[str]]]:
+    """The seed-scale suite: BGE-M3 modules only, pooled and peer, one process and two."""
+    pooled, peer = workdir / "scale-pooled", workdir / "scale-peer"
+    sizes = Sizes(sparse_modules=modules, classifier_modules=0, unit_modules=0, tests_per_integration_module=tests)
+    for path in (pooled, peer):
+        path.mkdir()
+    generate(pooled, sizes, sparse_test=SCALE_TEST)
+    generate(peer, sizes, integration_fixtures=PEER_FIXTURES, sparse_test=SCALE_TEST)
+    return {
+        "scope=function": (pooled, ["--ml-model-scope=function"]),
+        "scope=module": (pooled, ["--ml-model-scope=module"]),
+        "scope=session": (pooled, ["--ml-model-scope=session"]),
+        "peer: session model + deepcopy per test": (peer, []),
+        "-n 2 (--dist load), scope=session": (pooled, ["-n", "2", "--dist", "load"]),
+    }
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Parameters in a model directory's safetensors and head files, read from headers and tensors' shapes."""
+    import math
+
+    import torch
+    from safetensors import safe_open
+
+    total = 0
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as weights:
+            total += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    for head in model_dir.glob("*_linear.pt"):
+        total += sum(t.numel() for t in torch.load(head, weights_only=True, map_location="cpu").values())
+    return total
+
+
+def alternate(configs: dict[str, tuple[Path, list[str]]], runs: int, runner, label: str = "", **kwargs) -> dict:
+    """Run every configuration ``runs`` times, alternating; the summaries by name."""
+    raw: dict[str, list[dict]] = {name: [] for name in configs}
+    for run in range(runs):
+        for name, (root, pytest_args) in configs.items():
+            raw[name].append(runner(root, pytest_args, **kwargs))
+            print(f"run {run + 1}/{runs} {label}{name}: {raw[name][-1]['wall_s']:.1f} s", file=sys.stderr)
+    return {name: summarize(r) for name, r in raw.items()}
+
+
+def scale_section(workdir: Path, runs: int, modules: int = 4, tests: int = 3) -> dict:
+    from app.ml.seed_scale import seed_scale_bge_m3_dir
+
+    model_dir = seed_scale_bge_m3_dir()
+    configs = scale_configurations(workdir, modules, tests)
+    env = {"SPARSE_EMBEDDING_MODEL_PATH": str(model_dir)}
+    return {
+        "model": "bge-m3 architecture, seeded random weights (app/ml/seed_scale.py)",
+        "parameters": parameter_count(model_dir),
+        "model_gb": sum(f.stat().st_size for f in model_dir.iterdir()) / 1e9,
+        "modules": modules,
+        "tests": modules * tests,
+        "runs": runs,
+        "configurations": alternate(configs, runs, run_pytest, label="scale ", env=env),
+    }
+
+
+SECTIONS = ("core", "scale")
 
 
 #: Configurations whose processes are the point; an in-process smoke run leaves them out.
@@ -173,36 +314,52 @@ def main(argv: list[str] | None = None, runner=None, probe=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3, help="runs of each configuration (default 3)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and one run: checks that it works")
+    parser.add_argument(
+        "--sections",
+        default=None,
+        help=f"which sections to run, of {', '.join(SECTIONS)} (default all; core with --smoke); "
+        "the others are kept from --output",
+    )
     parser.add_argument("--output", type=Path, default=HERE / "results" / "latest.json")
     args = parser.parse_args(argv)
+    chosen = args.sections or ("core" if args.smoke else ",".join(SECTIONS))
+    sections = [name.strip() for name in chosen.split(",") if name.strip()]
+    if unknown := set(sections) - set(SECTIONS):
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     sizes = SMOKE_SIZES if args.smoke else Sizes()
     runs = 1 if args.smoke else args.runs
     in_process = runner is not None
     runner, probe = runner or run_pytest, probe or run_probe
 
+    results = json.loads(args.output.read_text()) if args.output.exists() and set(sections) != set(SECTIONS) else {}
+    results.update(
+        {
+            "date": datetime.date.today().isoformat(),
+            "command": "make bench" if not argv else f"python benchmarks/run.py {' '.join(argv)}",
+            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "packages": {name: importlib.metadata.version(name) for name in PACKAGES},
+        }
+    )
     with tempfile.TemporaryDirectory(prefix="ml-bench-") as tmp:
-        configs = configurations(Path(tmp), sizes)
-        if in_process:
-            configs = {name: config for name, config in configs.items() if name not in SEPARATE_PROCESSES}
-        raw: dict[str, list[dict]] = {name: [] for name in configs}
-        for run in range(runs):
-            for name, (root, pytest_args) in configs.items():
-                raw[name].append(runner(root, pytest_args))
-                print(f"run {run + 1}/{runs} {name}: {raw[name][-1]['wall_s']:.1f} s", file=sys.stderr)
-    results = {
-        "date": datetime.date.today().isoformat(),
-        "command": "make bench" if not argv else f"python benchmarks/run.py {' '.join(argv)}",
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "packages": {name: importlib.metadata.version(name) for name in PACKAGES},
-        "sizes": asdict(sizes),
-        "runs": runs,
-        "configurations": {name: summarize(r) for name, r in raw.items()},
-        "floor": probe("floor", sizes.integration_tests),
-        "quantize": probe("quantize", *(SMOKE_QUANTIZE if args.smoke else (3,))),
-    }
+        if "core" in sections:
+            configs = configurations(Path(tmp), sizes)
+            if in_process:
+                configs = {name: config for name, config in configs.items() if name not in SEPARATE_PROCESSES}
+            results.update(
+                {
+                    "sizes": asdict(sizes),
+                    "runs": runs,
+                    "configurations": alternate(configs, runs, runner),
+                    "floor": probe("floor", sizes.integration_tests),
+                    "quantize": probe("quantize", *(SMOKE_QUANTIZE if args.smoke else (3,))),
+                }
+            )
+        if "scale" in sections:
+            results["scale"] = scale_section(Path(tmp), runs)
     results["markdown"] = markdown(results)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
+    chart.draw(results, args.output.with_suffix(".png"))
     print(results["markdown"])
     return results
 

@@ -60,6 +60,19 @@ UNIT_TEST = """
         assert SparseEmbeddingService(test_db).generate_embedding(f"python lesson {{i}}")
         assert MLClassificationService(test_db).predict("Bake the bread in the oven").predictions
 """
+#: At the seed's scale the weights are random: the test checks the model call, not a token's weight.
+SCALE_TEST = """
+    import pytest
+    from app.services.sparse_embedding_service import SparseEmbeddingService
+
+    pytestmark = pytest.mark.use_real_models
+
+    @pytest.mark.parametrize("i", range({n}))
+    def test_sparse(sparse_model, test_db, i):
+        service = SparseEmbeddingService(test_db)
+        assert service.loaded.model is sparse_model[0]
+        assert isinstance(service.generate_embedding(f"python programming lesson {{i}}"), dict)
+"""
 #: The fixture library's way: the cached fixtures, served by the pool.
 POOLED_FIXTURES = """
 
@@ -131,14 +144,16 @@ def _write(path: Path, source: str) -> None:
     path.write_text(textwrap.dedent(source))
 
 
-def generate(root: Path, sizes: Sizes, integration_fixtures: str = POOLED_FIXTURES) -> None:
+def generate(
+    root: Path, sizes: Sizes, integration_fixtures: str = POOLED_FIXTURES, sparse_test: str = SPARSE_TEST
+) -> None:
     """Lay out the suite under ``root`` with the real conftests and the given model fixtures."""
     scaffold.lay_out(root)
     with (root / "integration" / "conftest.py").open("a") as conftest:
         conftest.write(integration_fixtures)
     n = sizes.tests_per_integration_module
     for i in range(sizes.sparse_modules):
-        _write(root / "integration" / f"test_sparse_{i:02d}.py", SPARSE_TEST.format(n=n))
+        _write(root / "integration" / f"test_sparse_{i:02d}.py", sparse_test.format(n=n))
     for i in range(sizes.classifier_modules):
         _write(root / "integration" / f"test_classifier_{i:02d}.py", CLASSIFIER_TEST.format(n=n))
     for i in range(sizes.unit_modules):

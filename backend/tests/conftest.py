@@ -21,14 +21,9 @@ from unittest import mock
 import pytest
 
 pytest.register_assert_rewrite("ml_fixtures")
-from sqlalchemy import create_engine
-from sqlalchemy.orm import Session
-from sqlalchemy.pool import StaticPool
-
-from app.models import Base
 from app.services.ml_classification_service import ClassificationResult, LabelPrediction, MLClassificationService
 from app.services.sparse_embedding_service import SparseEmbeddingService
-from ml_fixtures import plugin
+from ml_fixtures import database, plugin
 from ml_fixtures.catalog import CLASSIFIER, SPARSE
 from ml_fixtures.guard import ModelBlocker
 
@@ -110,11 +105,15 @@ def mock_ml_classification_service():
     return service
 
 
+@pytest.fixture(scope="session")
+def test_db_engine(pytestconfig):
+    """The run's database engine (schema created once); None means a fresh in-memory SQLite per test."""
+    with database.engine_for_run(pytestconfig) as engine:
+        yield engine
+
+
 @pytest.fixture
-def test_db():
-    """A fresh in-memory SQLite session with the schema created; nothing shared between tests."""
-    engine = create_engine("sqlite://", connect_args={"check_same_thread": False}, poolclass=StaticPool)
-    Base.metadata.create_all(engine)
-    with Session(engine, expire_on_commit=False) as session:
+def test_db(test_db_engine):
+    """A database session per test: fresh in-memory SQLite, or (``--db``/``--db-url``) a rolled-back transaction."""
+    with database.session_for_test(test_db_engine) as session:
         yield session
-    engine.dispose()

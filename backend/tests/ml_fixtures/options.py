@@ -54,6 +54,13 @@ class ReplayMode(Choice):
     NONE = "none"
 
 
+class Database(Choice):
+    """What ``test_db`` runs on when no ``--db-url`` is given."""
+
+    SQLITE = "sqlite"
+    POSTGRESQL = "postgresql"
+
+
 def parse_size(text: str) -> int:
     """``"2GB"`` -> bytes; ``"auto"`` -> half of this machine's memory."""
     if text.strip().lower() == "auto":
@@ -127,6 +134,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=str(Path(__file__).resolve().parents[1] / "cassettes"),
         metavar="DIR",
         help="where the cassettes are (default: backend/tests/cassettes)",
+    )
+    database = parser.getgroup("backend-database", "test_db's database (backend/tests/ML_MODEL_OPTIMIZATION.md)")
+    database.addoption(
+        "--db",
+        default=Database.SQLITE.value,
+        metavar=_values(Database),
+        help="sqlite (default: a fresh in-memory database per test) or postgresql (a throwaway server for the "
+        "run, started with pg_ctl; each test in a transaction rolled back after it)",
+    )
+    database.addoption(
+        "--db-url",
+        default=None,
+        metavar="URL",
+        help="run test_db on this server instead, e.g. postgresql://user@host/name (default: $TEST_DATABASE_URL); "
+        "PostgreSQL gets a database of its own for the run, test_<name>, dropped after it",
     )
     group.addoption(
         "--ml-device",

@@ -1,13 +1,13 @@
-"""The benchmark's harness at its smallest, so that it cannot rot. Its timings are never asserted.
+"""The benchmark's parts at their smallest, so that they cannot rot. Timings are never asserted.
 
 The configurations run in this process (pytester), not in fresh ones as ``make bench`` runs them:
-what is checked here is that the harness generates the suites, runs every configuration and
-counts its loads. The -n 2 configuration is left out (its worker processes are the point; the
-xdist self-test covers loads under workers), and so is the torch-import column, which only a
-fresh process can tell (the import-light self-test covers it).
+what is checked is that the harness generates the suites, runs every configuration and counts
+its loads. The -n 2 configuration is left out (its worker processes are the point; the xdist
+self-test covers loads under workers), and so is the torch-import column, which only a fresh
+process can tell (the import-light self-test covers it).
 """
 
-import sys
+import json
 import time
 
 import pytest
@@ -24,14 +24,15 @@ OWN_SEAMS = {cls: vars(cls)["_load_model"] for cls in (SparseEmbeddingService, M
 @pytest.fixture
 def bench(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import chart
     import probes
     import run
 
-    return run, probes
+    return run, probes, chart
 
 
 def test_the_harness_runs_every_configuration_and_counts_its_loads(bench, pytester, monkeypatch, tmp_path):
-    run, probes = bench
+    run, _, _ = bench
 
     def in_process(root, args):
         for cls, seam in OWN_SEAMS.items():
@@ -45,11 +46,10 @@ def test_the_harness_runs_every_configuration_and_counts_its_loads(bench, pytest
         assert result.ret == 0, result.stdout.str()[-3000:]
         return run.measured(probe_out, time.perf_counter() - start)
 
-    out = tmp_path / "bench.json"
-    results = run.main(["--smoke", "--output", str(out)], runner=in_process, probe=lambda name, *n: getattr(probes, name)(*n))
-    loads = {name: c["loads"]["median"] for name, c in results["configurations"].items()}
+    configs = run.configurations(tmp_path, run.SMOKE_SIZES)
+    results = run.alternate({k: v for k, v in configs.items() if k not in run.SEPARATE_PROCESSES}, 1, in_process)
     # Smoke sizes: 1 sparse module and 1 classifier module of 2 tests each; 1 unit test on both services.
-    assert loads == {
+    assert {name: c["loads"]["median"] for name, c in results.items()} == {
         "scope=function": 4,
         "scope=module": 2,
         "scope=session": 2,
@@ -58,9 +58,24 @@ def test_the_harness_runs_every_configuration_and_counts_its_loads(bench, pytest
         "unit trees, no fixture library": 2,
         "integration, -n 0": 2,
     }
-    assert results["machine"]["cpu_count"] and results["packages"]["torch"] == "2.13.0+cpu"
-    assert results["floor"]["calls"] == 4 and results["floor"]["import_s"] >= 0
-    assert results["quantize"]["texts"] == 12
-    assert 0 <= results["quantize"]["top1_agreement"] <= 1
-    assert "| scope=session |" in results["markdown"]
-    assert out.exists() and "load_probe" not in sys.modules.get("app.ml.loading").load_classification_model.__qualname__
+    assert all(c["wall_s"]["median"] > 0 and len(c["runs"]) == 1 for c in results.values())
+
+
+def test_the_bare_process_probes_measure_the_floor_and_int8(bench):
+    _, probes, _ = bench
+    floor = probes.floor(4)
+    assert floor["calls"] == 4 and min(floor[k] for k in ("import_s", "load_sparse_s", "inference_s")) >= 0
+    quantize = probes.quantize(1, 12)
+    assert quantize["texts"] == 12 and quantize["queries"] == 3
+    assert 0 <= quantize["top1_agreement"] <= 1 and 0 <= quantize["top10_overlap"] <= 1
+    assert quantize["int8"]["load_sparse_s"] > 0
+
+
+def test_the_committed_results_render_as_tables_and_a_chart(bench, tmp_path):
+    run, _, chart = bench
+    results = json.loads((REPO / "benchmarks" / "results" / "latest.json").read_text())
+    table = run.markdown(results)
+    for name in results["configurations"]:
+        assert f"| {name} |" in table
+    png = chart.draw(results, tmp_path / "latest.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -1,0 +1,78 @@
+"""The benchmark as a picture: ``benchmarks/results/latest.png``, drawn from ``latest.json``.
+
+Each row is one suite (the generated suite on the embedded models; the seed-scale suite): wall
+time per configuration on the left (median, with a bar from the fastest to the slowest run), and
+memory on the right (summed PSS over the run's processes, with the largest single process's peak
+RSS beside it). ``python benchmarks/chart.py [latest.json]`` redraws it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _rows(configurations: dict) -> tuple[list[str], dict]:
+    names = list(configurations)[::-1]  # top to bottom in the order run
+    return names, {name: configurations[name] for name in names}
+
+
+def _panel_wall(axis, configurations: dict, title: str) -> None:
+    names, configs = _rows(configurations)
+    medians = [configs[n]["wall_s"]["median"] for n in names]
+    low = [configs[n]["wall_s"]["median"] - configs[n]["wall_s"]["min"] for n in names]
+    high = [configs[n]["wall_s"]["max"] - configs[n]["wall_s"]["median"] for n in names]
+    axis.barh(names, medians, xerr=[low, high], color="#4c72b0", capsize=3)
+    for y, name in enumerate(names):
+        axis.text(configs[name]["wall_s"]["max"], y, f"  {medians[y]:.1f} s", va="center", fontsize=8)
+    axis.set_xlabel("wall time, s (median; bar: min–max)")
+    axis.set_title(title, fontsize=10, loc="left")
+    axis.set_xlim(0, max(c["wall_s"]["max"] for c in configs.values()) * 1.25)
+
+
+def _panel_memory(axis, configurations: dict) -> None:
+    names, configs = _rows(configurations)
+    ys = range(len(names))
+    pss = [configs[n].get("pss_mb", {}).get("median", 0) for n in names]
+    rss = [configs[n]["peak_rss_mb"]["median"] for n in names]
+    axis.barh([y + 0.2 for y in ys], pss, height=0.4, color="#55a868", label="summed PSS, all processes")
+    axis.barh([y - 0.2 for y in ys], rss, height=0.4, color="#c0c0c0", label="peak RSS, largest process")
+    axis.set_yticks(list(ys), [""] * len(names))
+    axis.set_xlabel("memory, MB (median)")
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / len(names)), ncol=2, frameon=False)
+
+
+def draw(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    suites = []
+    if "configurations" in results:
+        sizes = results["sizes"]
+        suites.append((results["configurations"], f"Embedded models: {sizes['sparse_modules']} BGE-M3 + "
+                       f"{sizes['classifier_modules']} classifier modules, {sizes['unit_modules']} unit modules"))
+    if "scale" in results:
+        scale = results["scale"]
+        suites.append((scale["configurations"], f"Seed scale: bge-m3 architecture, {scale['parameters'] / 1e6:.0f}M "
+                       f"parameters, {scale['tests']} tests"))
+    height = sum(1.2 + 0.45 * len(configs) for configs, _ in suites)
+    figure, axes = pyplot.subplots(
+        len(suites), 2, figsize=(13, height), squeeze=False,
+        gridspec_kw={"width_ratios": [3, 2], "height_ratios": [len(c) for c, _ in suites]},
+    )
+    for (configs, title), (wall_axis, memory_axis) in zip(suites, axes):
+        _panel_wall(wall_axis, configs, title)
+        _panel_memory(memory_axis, configs)
+    figure.suptitle(f"ML model fixtures: make bench, {results['date']}, {results['machine']['cpu_count']} CPUs", fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+    return path
+
+
+if __name__ == "__main__":
+    source = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results" / "latest.json"
+    print(draw(json.loads(source.read_text()), source.with_suffix(".png")))
