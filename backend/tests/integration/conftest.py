@@ -10,8 +10,9 @@ def ml_model_policy() -> str:
 
 @pytest.fixture(scope="session")
 def model_output_tolerance(pytestconfig) -> float:
-    """Absolute tolerance between a batched and a single call: int8 quantizes activations per batch."""
-    return 1e-2 if pytestconfig.getoption("ml_quantize") == "int8" else 1e-4
+    """Absolute tolerance between a batched and a single call: int8 quantizes activations per batch
+    (padding included), which moves the embedded BGE-M3's term weights by up to about 0.07."""
+    return 1e-1 if pytestconfig.getoption("ml_quantize") == "int8" else 1e-4
 
 
 @pytest.fixture

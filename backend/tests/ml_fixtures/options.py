@@ -135,6 +135,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="DIR",
         help="where the cassettes are (default: backend/tests/cassettes)",
     )
+    group.addoption(
+        "--ml-warm",
+        action="store_true",
+        help="run this session in a child of a warm server that keeps torch, transformers and FlagEmbedding "
+        "imported (started on first use; same output and exit code as a cold run; not with -n)",
+    )
+    group.addoption(
+        "--ml-warm-stop",
+        action="store_true",
+        help="stop the warm server of --ml-warm, if one runs, and exit",
+    )
     database = parser.getgroup("backend-database", "test_db's database (backend/tests/ML_MODEL_OPTIMIZATION.md)")
     database.addoption(
         "--db",

@@ -10,6 +10,7 @@ import pytest
 
 from app import config as app_config
 from app.ml import LoadedModel, ModelUnavailableError
+from ml_fixtures import warm
 from ml_fixtures.cassettes import Cassettes, Replay
 from ml_fixtures.catalog import KINDS, ModelKind
 from ml_fixtures.guard import MARKER, BlockedTest, ModelBlocker
@@ -37,6 +38,16 @@ class UnavailableModel(LoadedModel):
         self = super().__new__(cls, None, None, None)
         self.reason = reason
         return self
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> int | None:
+    """``--ml-warm``: hand the whole session to a warm server's child; ``--ml-warm-stop``: stop it."""
+    if config.getoption("ml_warm_stop"):
+        return warm.stop()
+    if config.getoption("ml_warm"):
+        return warm.run([str(arg) for arg in config.invocation_params.args if arg != "--ml-warm"])
+    return None
 
 
 def pytest_configure(config: pytest.Config) -> None:
