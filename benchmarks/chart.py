@@ -1,6 +1,7 @@
 """The benchmark as a picture: ``benchmarks/results/latest.png``, drawn from ``latest.json``.
 
-Each row is one suite (the generated suite on the embedded models; the seed-scale suite): wall
+Each row is one suite (the generated suite on the embedded models; the seed-scale suite; the
+repository's own integration tests cold and warm): wall
 time per configuration on the left (median, with a bar from the fastest to the slowest run), and
 memory on the right (summed PSS over the run's processes, with the largest single process's peak
 RSS beside it). ``python benchmarks/chart.py [latest.json]`` redraws it.
@@ -33,6 +34,10 @@ def _panel_wall(axis, configurations: dict, title: str) -> None:
 
 def _panel_memory(axis, configurations: dict) -> None:
     names, configs = _rows(configurations)
+    if not any("pss_mb" in c for c in configs.values()):
+        axis.text(0.5, 0.5, "memory not sampled:\nthe warm child runs in the server's process tree", ha="center", va="center", fontsize=8)
+        axis.axis("off")
+        return
     ys = range(len(names))
     pss = [configs[n].get("pss_mb", {}).get("median", 0) for n in names]
     rss = [configs[n]["peak_rss_mb"]["median"] for n in names]
@@ -58,6 +63,8 @@ def draw(results: dict, path: Path) -> Path:
         scale = results["scale"]
         suites.append((scale["configurations"], f"Seed scale: bge-m3 architecture, {scale['parameters'] / 1e6:.0f}M "
                        f"parameters, {scale['tests']} tests"))
+    if "warm" in results:
+        suites.append((results["warm"]["configurations"], "This repository's integration tests: cold and --ml-warm"))
     height = sum(1.2 + 0.45 * len(configs) for configs, _ in suites)
     figure, axes = pyplot.subplots(
         len(suites), 2, figsize=(13, height), squeeze=False,

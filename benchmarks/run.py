@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -72,27 +73,38 @@ class MemorySampler(threading.Thread):
         return self.peak_pss
 
 
-def run_pytest(root: Path, args: list[str], env: dict[str, str] | None = None) -> dict:
-    """One fresh pytest process: wall seconds, summed PSS, and the load probe's numbers over its processes."""
-    probe_out = root / "probe.jsonl"
-    probe_out.unlink(missing_ok=True)
-    env = {
-        **os.environ,
-        **(env or {}),
-        "PYTHONPATH": os.pathsep.join(scaffold.python_path(HERE)),
-        "BENCH_PROBE_OUT": str(probe_out),
-    }
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "load_probe", *args]
-    start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    sampler = MemorySampler(process.pid)
-    sampler.start()
-    stdout, stderr = process.communicate()
-    wall = time.perf_counter() - start
-    peak_pss = sampler.stop()
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed in {root}:\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    return {**measured(probe_out, wall), "pss_mb": peak_pss / 2**20}
+def run_pytest(root: Path, args: list[str], env: dict[str, str] | None = None, memory: bool = True) -> dict:
+    """One fresh pytest process: wall seconds, the session's own seconds (pytest's summary line),
+    summed PSS over its process tree (unless ``memory`` is off), and the load probe's numbers."""
+    with tempfile.TemporaryDirectory(prefix="ml-bench-probe-") as probe_dir:
+        probe_out = Path(probe_dir) / "probe.jsonl"
+        env = {
+            **os.environ,
+            **(env or {}),
+            "PYTHONPATH": os.pathsep.join(scaffold.python_path(HERE)),
+            "BENCH_PROBE_OUT": str(probe_out),
+        }
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "load_probe", *args]
+        start = time.perf_counter()
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        sampler = MemorySampler(process.pid)
+        if memory:
+            sampler.start()
+        stdout, stderr = process.communicate()
+        wall = time.perf_counter() - start
+        peak_pss = sampler.stop() if memory else None
+        if process.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed in {root}:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+        result = {**measured(probe_out, wall), "session_s": session_seconds(stdout)}
+    if peak_pss is not None:
+        result["pss_mb"] = peak_pss / 2**20
+    return result
+
+
+def session_seconds(stdout: str) -> float:
+    """The seconds pytest reports for its session ("5 passed in 2.91s")."""
+    match = re.search(r" in ([0-9.]+)s", stdout.strip().splitlines()[-1])
+    return float(match.group(1)) if match else float("nan")
 
 
 def measured(probe_out: Path, wall: float) -> dict:
@@ -119,7 +131,7 @@ def run_probe(name: str, *numbers: int) -> dict:
 
 def summarize(runs: list[dict]) -> dict:
     summary = {}
-    for field in ("wall_s", "loads", "load_s", "pss_mb", "peak_rss_mb"):
+    for field in ("wall_s", "session_s", "loads", "load_s", "pss_mb", "peak_rss_mb"):
         values = [run[field] for run in runs if field in run]
         if not values:
             continue
@@ -157,6 +169,8 @@ def markdown(results: dict) -> str:
     lines = core_markdown(results) if "configurations" in results else []
     if "scale" in results:
         lines += ["", *scale_markdown(results["scale"])]
+    if "warm" in results:
+        lines += ["", *warm_markdown(results["warm"])]
     return "\n".join(lines).strip()
 
 
@@ -298,7 +312,51 @@ def scale_section(workdir: Path, runs: int, modules: int = 4, tests: int = 3) ->
     }
 
 
-SECTIONS = ("core", "scale")
+def warm_section(workdir: Path, runs: int) -> dict:
+    """This repository's own integration tests, cold against --ml-warm, runs alternating.
+
+    The warm server is started (untimed) before the first run and stopped after the last; memory
+    is not sampled, since the warm child belongs to the server's process tree, not the caller's.
+    """
+    env = {"ML_WARM_DIR": str(workdir / "warm"), "PYTHONDONTWRITEBYTECODE": ""}
+    targets = {
+        "one integration module (phase4_hybrid_search)": "backend/tests/integration/phase4_hybrid_search",
+        "integration tree": "backend/tests/integration",
+    }
+    configs = {}
+    for label, path in targets.items():
+        configs[f"{label}, cold"] = (REPO, ["-p", "no:cacheprovider", path])
+        configs[f"{label}, warm"] = (REPO, ["-p", "no:cacheprovider", "--ml-warm", path])
+    run_pytest(REPO, ["-p", "no:cacheprovider", "--ml-warm", "--collect-only", next(iter(targets.values()))], env, memory=False)
+    try:
+        results = alternate(configs, runs, run_pytest, label="warm ", env=env, memory=False)
+    finally:
+        subprocess.run([sys.executable, "-m", "pytest", "--ml-warm-stop"], cwd=REPO, env={**os.environ, **env}, capture_output=True)
+    return {"runs": runs, "configurations": results}
+
+
+def warm_markdown(section: dict) -> list[str]:
+    configs = section["configurations"]
+    lines = [
+        f"Warm runs: this repository's integration tests, cold against `--ml-warm`; {section['runs']} runs each, "
+        "alternating; median [min–max]. Overhead is the wall time outside pytest's own session "
+        "(interpreter, imports, configuration; for warm: the caller, the fork and the child's configuration).",
+        "",
+        "| configuration | wall s | session s | overhead s | real loads | load s | warm / cold |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, c in configs.items():
+        cold = configs[name.replace(", warm", ", cold")]["wall_s"]["median"]
+        overhead = [r["wall_s"] - r["session_s"] for r in c["runs"]]
+        lines.append(
+            f"| {name} | {_range(c['wall_s'])} | {_range(c['session_s'], 2)} | "
+            f"{_range({'median': statistics.median(overhead), 'min': min(overhead), 'max': max(overhead)}, 2)} | "
+            f"{_range(c['loads'], 0)} | {_range(c['load_s'], 2)} | {c['wall_s']['median'] / cold:.2f} |"
+        )
+    return lines
+
+
+SECTIONS = ("core", "scale", "warm")
 
 
 #: Configurations whose processes are the point; an in-process smoke run leaves them out.
@@ -356,6 +414,8 @@ def main(argv: list[str] | None = None, runner=None, probe=None) -> dict:
             )
         if "scale" in sections:
             results["scale"] = scale_section(Path(tmp), runs)
+        if "warm" in sections:
+            results["warm"] = warm_section(Path(tmp), 5 if runs == 3 else runs)
     results["markdown"] = markdown(results)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
