@@ -1,6 +1,6 @@
 """Measurements in a bare process (no pytest): the import and load floor, and int8 against fp32.
 
-Run as ``python benchmarks/probes.py floor|quantize N [LIMIT]``; prints one JSON object.
+Run as ``python benchmarks/probes.py floor|quantize|check_cost N [LIMIT]``; prints one JSON object.
 """
 
 from __future__ import annotations
@@ -112,6 +112,33 @@ def quantize(repeats: int, limit: int | None = None) -> dict:
     }
 
 
+def check_cost(repeats: int) -> dict:
+    """What the modified-shared-model check costs after a test, on the seed-scale BGE-M3 (bge-m3's size).
+
+    The snapshot is taken at load; the check (``ModelSnapshot.changes``) runs after every test.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend" / "tests"))
+    from app.ml import loading
+    from app.ml.seed_scale import seed_scale_bge_m3_dir
+    from ml_fixtures.mutation import ModelSnapshot
+
+    loaded = loading.load_sparse_embedding_model(seed_scale_bge_m3_dir(), device="cpu")
+    snapshot, snapshot_s = _timed(lambda: ModelSnapshot(loaded.model))
+    timings = []
+    for _ in range(repeats):
+        changes, seconds = _timed(snapshot.changes)
+        assert changes == []
+        timings.append(seconds)
+    return {
+        "tensors": len(snapshot.tensors),
+        "modules": len(snapshot.modules),
+        "snapshot_ms": 1000 * snapshot_s,
+        "check_ms_median": 1000 * statistics.median(timings),
+        "check_ms_max": 1000 * max(timings),
+        "repeats": repeats,
+    }
+
+
 if __name__ == "__main__":
     probe, numbers = sys.argv[1], map(int, sys.argv[2:])
-    print(json.dumps({"floor": floor, "quantize": quantize}[probe](*numbers)))
+    print(json.dumps({"floor": floor, "quantize": quantize, "check_cost": check_cost}[probe](*numbers)))

@@ -249,6 +249,14 @@ def scale_markdown(scale: dict) -> list[str]:
             f"{_range(c['pss_mb'], 0)} | {_range(c['peak_rss_mb'], 0)} | {c['runs'][0]['processes']} | "
             f"{c['wall_s']['median'] / function_wall:.2f} |"
         )
+    check = scale.get("modification_check")
+    if check:
+        lines += [
+            "",
+            f"Modified-shared-model check at this size ({check['tensors']} tensors, {check['modules']} modules): "
+            f"{check['check_ms_median']:.2f} ms per test (median of {check['repeats']}, max {check['check_ms_max']:.2f} ms); "
+            f"the snapshot at load {check['snapshot_ms']:.1f} ms.",
+        ]
     return lines
 
 
@@ -303,6 +311,7 @@ def scale_section(workdir: Path, runs: int, modules: int = 4, tests: int = 3) ->
     env = {"SPARSE_EMBEDDING_MODEL_PATH": str(model_dir)}
     return {
         "model": "bge-m3 architecture, seeded random weights (app/ml/seed_scale.py)",
+        "modification_check": run_probe("check_cost", 1000),
         "parameters": parameter_count(model_dir),
         "model_gb": sum(f.stat().st_size for f in model_dir.iterdir()) / 1e9,
         "modules": modules,
