@@ -104,6 +104,13 @@ MODIFYING = """
         assert not ml_classification_model_cached.model.training
         assert MLClassificationService(test_db).predict("The striker scored a goal").top.label == "sports"
 
+    def test_writes_through_data(ml_classification_model_cached):
+        for parameter in ml_classification_model_cached.model.classifier.parameters():
+            parameter.data.zero_()  # no version bump: only the sampled values tell
+
+    def test_after_the_data_write(ml_classification_model_cached):
+        assert ml_classification_model_cached.model.classifier.weight.abs().sum() > 0
+
     def test_replaces_a_head(ml_classification_model_cached):
         ml_classification_model_cached.model.classifier = torch.nn.Linear(384, 6)
 
@@ -125,7 +132,7 @@ MODIFYING = """
 def test_a_test_that_modifies_a_shared_model_fails_and_the_next_gets_a_clean_one(ml_tree):
     ml_tree.write("integration/test_modifying.py", MODIFYING)
     result = ml_tree.run()
-    result.assert_outcomes(passed=5, failed=3)
+    result.assert_outcomes(passed=6, failed=4)
     result.stdout.fnmatch_lines(
         [
             "*_ test_zeroes_a_weight _*",
@@ -136,6 +143,8 @@ def test_a_test_that_modifies_a_shared_model_fails_and_the_next_gets_a_clean_one
             "modified the shared model backend/taxonomy-classifier [[]auto, default[]]:",
             "  - training mode left on (model.train()): <root>, bert, bert.embeddings and * more",
             "*request ml_classification_model_copy*",
+            "*_ test_writes_through_data _*",
+            "  - weights changed through .data (no version bump): classifier.weight, classifier.bias",
             "*_ test_replaces_a_head _*",
             "modified the shared model backend/taxonomy-classifier*",
             "  - parameters, buffers or submodules added, removed or replaced in: <root>",
@@ -147,6 +156,7 @@ def test_a_test_that_modifies_a_shared_model_fails_and_the_next_gets_a_clean_one
         ("BAAI/bge-m3 [auto, default]", "test_zeroes_a_weight"),  # the reload that cleans it
         ("backend/taxonomy-classifier [auto, default]", "test_leaves_training_mode_on"),
         ("backend/taxonomy-classifier [auto, default]", "test_leaves_training_mode_on"),
+        ("backend/taxonomy-classifier [auto, default]", "test_writes_through_data"),
         ("backend/taxonomy-classifier [auto, default]", "test_replaces_a_head"),
         ("BAAI/bge-m3 (private copy) [auto, default]", "test_a_private_copy_may_change"),
     ]
