@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from ml_fixtures import warm
@@ -74,11 +75,11 @@ def started_pid(output: str) -> int:
 
 
 def alive(pid: int) -> bool:
+    """Running: a server started from this process stays a zombie until reaped, which is not alive."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    return True
 
 
 def wait_for(condition, timeout: float = 20) -> bool:
@@ -117,17 +118,19 @@ def test_code_edited_between_two_warm_runs_is_picked_up(warm_tree):
     assert edited.returncode == 1 and "assert 2 == 1" in edited.stdout
 
 
-def test_new_packages_restart_the_server(warm_tree, tmp_path):
+def test_new_packages_restart_the_server(warm_tree, tmp_path, monkeypatch, capsys):
     packages = tmp_path / "site-packages"
     packages.mkdir()
-    warm_tree.tree.write("unit/test_ok.py", "def test_ok():\n    pass\n")
-    first = warm_tree.run("-q", "--ml-warm", ML_WARM_PACKAGES_DIRS=str(packages))
+    monkeypatch.setenv("ML_WARM_PACKAGES_DIRS", str(packages))
+    path = warm.socket_path()
+    warm._ready_server(path, warm.packages_fingerprint())  # the caller's side, in this process
+    first = capsys.readouterr().err
     (packages / "newly_installed-1.0.dist-info").mkdir()
-    second = warm_tree.run("-q", "--ml-warm", ML_WARM_PACKAGES_DIRS=str(packages))
-    assert second.returncode == 0
-    assert "ml-warm: restarting the warm server: the installed packages or Python changed" in second.stderr
-    old, new = started_pid(first.stderr), started_pid(second.stderr)
-    assert old != new and wait_for(lambda: not alive(old))
+    warm._ready_server(path, warm.packages_fingerprint())
+    second = capsys.readouterr().err
+    assert "ml-warm: restarting the warm server: the installed packages or Python changed" in second
+    old, new = started_pid(first), started_pid(second)
+    assert old != new and wait_for(lambda: not alive(old)) and alive(new)
 
 
 def test_another_user_is_refused(tmp_path, monkeypatch):
@@ -161,11 +164,9 @@ def test_a_killed_caller_takes_its_run_along(warm_tree, tmp_path):
     assert wait_for(lambda: not alive(int(pid_file.read_text())))
 
 
-def test_an_idle_server_exits_and_removes_its_socket(warm_tree):
-    warm_tree.tree.write("unit/test_ok.py", "def test_ok():\n    pass\n")
-    done = warm_tree.run("-q", "--ml-warm", ML_WARM_IDLE_S="1")
-    assert done.returncode == 0
-    pid = started_pid(done.stderr)
+def test_an_idle_server_exits_and_removes_its_socket(warm_tree, monkeypatch):
+    monkeypatch.setenv("ML_WARM_IDLE_S", "1")
+    pid = warm.start_server(warm.socket_path())
     assert wait_for(lambda: not alive(pid)) and not warm.socket_path().exists()
 
 
@@ -190,11 +191,10 @@ def test_xdist_runs_cold_and_says_why(warm_tree):
 def test_stop_with_and_without_a_server(warm_tree):
     stopped = warm_tree.run("--ml-warm-stop")
     assert stopped.returncode == 0 and "ml-warm: no warm server is running" in stopped.stderr
-    warm_tree.tree.write("unit/test_ok.py", "def test_ok():\n    pass\n")
-    pid = started_pid(warm_tree.run("-q", "--ml-warm").stderr)
+    pid = warm.start_server(warm.socket_path())
     stopped = warm_tree.run("--ml-warm-stop")
     assert stopped.returncode == 0 and f"ml-warm: stopped the warm server (pid {pid})" in stopped.stderr
-    assert wait_for(lambda: not alive(pid))
+    assert wait_for(lambda: not alive(pid)) and not warm.socket_path().exists()
 
 
 def test_a_child_forked_after_torch_imports_runs_multithreaded_inference(warm_tree):
@@ -214,6 +214,6 @@ def test_a_child_forked_after_torch_imports_runs_multithreaded_inference(warm_tr
             assert labels == ["sports"] * 4 + ["cooking"] * 4
         """,
     )
-    done = warm_tree.run("-q", "--ml-warm", ML_WARM_PRELOAD="torch,transformers")  # timeout: no deadlock
+    done = warm_tree.run("-q", "--ml-warm", ML_WARM_PRELOAD="torch,transformers,sqlalchemy")  # timeout: no deadlock
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert summary(done.stdout) == "1 passed" and "starting a warm server" in done.stderr
