@@ -72,8 +72,8 @@ def build_once(
 ) -> Path:
     """Return ``cache_dir/name-KEY``, building it with ``build(tmp_dir)`` if absent.
 
-    With ``allow_build=False`` an absent directory raises FileNotFoundError instead. ``what``
-    names the model in the lines logged while it is built, ``expected`` how long that takes.
+    With ``allow_build=False`` an absent directory raises FileNotFoundError instead. A build of a
+    model that has a name (``what``) is announced on the logger, with ``expected``, how long it takes.
     """
     cache_dir = Path(cache_dir or config.model_cache_dir())
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
@@ -86,8 +86,8 @@ def build_once(
     with FileLock(str(final) + ".lock"):
         if final.is_dir():  # another process built it while we waited
             return final
-        what = what or name
-        logger.info("building %s (first run on this machine, about %s) …", what, expected)
+        if what:
+            logger.info("building %s (first run on this machine, about %s) …", what, expected)
         start = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
         try:
@@ -97,7 +97,8 @@ def build_once(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        logger.info("built %s in %.1f s: %s", what, time.perf_counter() - start, final)
+        if what:
+            logger.info("built %s in %.1f s: %s", what, time.perf_counter() - start, final)
     return final
 
 
