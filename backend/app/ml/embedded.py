@@ -164,7 +164,10 @@ def fit_sparse_head(encoder_dir: Path, texts: list[str]) -> dict:
 def embedded_bge_m3_dir(cache_dir: Path | None = None, build: bool = True) -> Path:
     """A directory in bge-m3's layout that ``BGEM3FlagModel`` loads unchanged."""
     recipe = {**BGE_M3_RECIPE, "seed_model": _seed_fingerprint(), "term_table": term_importance.shipped().fingerprint()}
-    return build_once("bge-m3-embedded", recipe, _build_bge_m3, cache_dir, allow_build=build, what="the embedded BGE-M3")
+    return build_once(
+        "bge-m3-embedded", recipe, _build_bge_m3, cache_dir, allow_build=build,
+        what="the embedded BGE-M3", expected="10 s",
+    )
 
 
 def load_dataset(path: Path = DATASET_PATH) -> list[dict]:

@@ -36,11 +36,11 @@ SLEEPER = """
 
 
 class WarmTree:
-    def __init__(self, ml_tree, monkeypatch, tmp_path):
+    def __init__(self, ml_tree, monkeypatch, warm_dir):
         self.tree, self.root = ml_tree, ml_tree.root
         self.env = {
             **os.environ,
-            "ML_WARM_DIR": str(tmp_path / "warm"),
+            "ML_WARM_DIR": str(warm_dir),
             "ML_WARM_PRELOAD": "sqlalchemy",
             "PYTHONDONTWRITEBYTECODE": "",
         }
@@ -64,9 +64,25 @@ class WarmTree:
 
 @pytest.fixture
 def warm_tree(ml_tree, monkeypatch, tmp_path):
-    tree = WarmTree(ml_tree, monkeypatch, tmp_path)
+    """A tree and a warm server of its own (for the tests that start, stop or replace it)."""
+    tree = WarmTree(ml_tree, monkeypatch, tmp_path / "warm")
     yield tree
     warm.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_warm_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("shared-warm")
+    yield directory
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("ML_WARM_DIR", str(directory))
+        warm.stop()
+
+
+@pytest.fixture
+def shared_warm_tree(ml_tree, monkeypatch, shared_warm_dir):
+    """A tree whose runs go to the module's one warm server (started by the first of them)."""
+    return WarmTree(ml_tree, monkeypatch, shared_warm_dir)
 
 
 def started_pid(output: str) -> int:
@@ -109,12 +125,12 @@ def test_a_warm_run_gives_the_cold_results_output_and_report(warm_tree):
     assert cold_report.keys() == warm_report.keys() and warm_report["loads"] == cold_report["loads"] == 0
 
 
-def test_code_edited_between_two_warm_runs_is_picked_up(warm_tree):
-    warm_tree.tree.write("unit/helper.py", "ANSWER = 1\n")
-    warm_tree.tree.write("unit/test_edit.py", "from helper import ANSWER\n\ndef test_answer():\n    assert ANSWER == 1\n")
-    assert warm_tree.run("-q", "--ml-warm").returncode == 0
-    warm_tree.tree.write("unit/helper.py", "ANSWER = 2\n")
-    edited = warm_tree.run("-q", "--ml-warm")
+def test_code_edited_between_two_warm_runs_is_picked_up(shared_warm_tree):
+    shared_warm_tree.tree.write("unit/helper.py", "ANSWER = 1\n")
+    shared_warm_tree.tree.write("unit/test_edit.py", "from helper import ANSWER\n\ndef test_answer():\n    assert ANSWER == 1\n")
+    assert shared_warm_tree.run("-q", "--ml-warm").returncode == 0
+    shared_warm_tree.tree.write("unit/helper.py", "ANSWER = 2\n")
+    edited = shared_warm_tree.run("-q", "--ml-warm")
     assert edited.returncode == 1 and "assert 2 == 1" in edited.stdout
 
 
@@ -143,10 +159,10 @@ def test_another_user_is_refused(tmp_path, monkeypatch):
     assert reply == {"refused": f"this server serves uid {os.getuid()} only"}
 
 
-def test_ctrl_c_interrupts_the_warm_run_as_a_cold_one(warm_tree, tmp_path):
-    warm_tree.tree.write("unit/test_sleep.py", SLEEPER)
+def test_ctrl_c_interrupts_the_warm_run_as_a_cold_one(shared_warm_tree, tmp_path):
+    shared_warm_tree.tree.write("unit/test_sleep.py", SLEEPER)
     pid_file = tmp_path / "child.pid"
-    client = warm_tree.start("-q", "--ml-warm", PID_FILE=str(pid_file))
+    client = shared_warm_tree.start("-q", "--ml-warm", PID_FILE=str(pid_file))
     assert wait_for(pid_file.exists), "the warm run did not start"
     client.send_signal(signal.SIGINT)
     output, _ = client.communicate(timeout=30)
@@ -154,10 +170,10 @@ def test_ctrl_c_interrupts_the_warm_run_as_a_cold_one(warm_tree, tmp_path):
     assert wait_for(lambda: not alive(int(pid_file.read_text())))
 
 
-def test_a_killed_caller_takes_its_run_along(warm_tree, tmp_path):
-    warm_tree.tree.write("unit/test_sleep.py", SLEEPER)
+def test_a_killed_caller_takes_its_run_along(shared_warm_tree, tmp_path):
+    shared_warm_tree.tree.write("unit/test_sleep.py", SLEEPER)
     pid_file = tmp_path / "child.pid"
-    client = warm_tree.start("-q", "--ml-warm", PID_FILE=str(pid_file))
+    client = shared_warm_tree.start("-q", "--ml-warm", PID_FILE=str(pid_file))
     assert wait_for(pid_file.exists), "the warm run did not start"
     client.kill()
     client.wait()
