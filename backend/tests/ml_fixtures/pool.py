@@ -56,7 +56,7 @@ class ModelPool:
         self.memory_budget = memory_budget
         self._on_evict = on_evict or (lambda key: None)
         self._size_of = size_of
-        #: ``on_load(key, load) -> LoadedModel``: wraps every real load (the recorder times it).
+        #: ``on_load(key, load) -> LoadedModel``: wraps every real load (the load report times it).
         self._on_load = on_load or (lambda key, load: load())
         self._entries: OrderedDict[ModelKey, _Entry] = OrderedDict()
         self._failures: dict[ModelKey, ModelUnavailableError] = {}
