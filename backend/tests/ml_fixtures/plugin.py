@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 
@@ -165,7 +166,7 @@ def private_copy(
     config.stash[load_report_key].current_policy = policy
     _refuse_unmarked(config, request.node, policy, kind.copy_fixture)
     settings = config.stash[settings_key]
-    key = ModelKey(f"{model_key(config, kind).model} (private copy)", settings.device or "auto", settings.dtype or "default")
+    key = dataclasses.replace(model_key(config, kind), model=f"{kind.model_name} (private copy)")
     try:
         loaded = config.stash[load_report_key].timed_load(key, lambda: kind.load_real(None, settings.device, settings.dtype))
     except ModelUnavailableError as exc:
