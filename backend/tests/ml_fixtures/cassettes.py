@@ -8,8 +8,9 @@ that text, and fall back to their deterministic made-up output otherwise; under
 (:class:`CassetteMissError`, in the manner of VCR's "can't overwrite existing cassette").
 
 A cassette stores each model's fingerprint (a hash of its recipe for an embedded model, else
-of its directory: weights, configuration, tokenizer). When the model in use has another fingerprint, the cassette is stale: it is not
-replayed, the load report lists it, and ``--ml-record=once`` records it again.
+of its directory: weights, configuration, tokenizer). When the model in use has another
+fingerprint, the cassette is stale: it is not replayed, the load report lists it, and
+``--ml-record=once`` records it again.
 """
 
 from __future__ import annotations
@@ -97,13 +98,12 @@ class Replay:
 
     def _miss_message(self, text: str | None) -> str:
         where = f"{self.cassette}" + ("" if self.cassette and self.cassette.exists() else " (not recorded yet)")
-        module = self.test.split("::")[0]
         return (
             f"--ml-replay=strict: no current cassette holds a recorded output of {self.model} for {text!r}, "
             f"and strict replay never makes one up.\n"
             f"Cassette of this test: {where}\n"
             f"Record it from the real model: mark the test @pytest.mark.use_real_models and run\n"
-            f"    pytest {self.test or module} --ml-record=once\n"
+            f"    pytest {self.test} --ml-record=once\n"
             f"(or replay with fallback, the default: --ml-replay=fallback)."
         )
 
