@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 SPARSE_EMBEDDING_MODEL_NAME = "BAAI/bge-m3"
+RERANK_MODEL_NAME = "BAAI/bge-reranker-v2-m3"
 #: Base encoder that the classifier is fine-tuned from; override to use another.
 CLASSIFICATION_BASE_MODEL_NAME = os.environ.get(
     "CLASSIFICATION_BASE_MODEL", "sentence-transformers/all-MiniLM-L6-v2"

@@ -45,6 +45,10 @@ BGE_M3_RECIPE = {
     "sparse_zero_target": -0.3,
 }
 CLASSIFIER_RECIPE = {"recipe": 2, "seed": SEED, "epochs": 12, "learning_rate": 1e-4, "batch_size": 16}
+#: A cross-encoder fine-tuned on (query, passage) pairs of the shipped dataset: a passage is relevant
+#: to a query when both are of the same category; each query gets one relevant passage and
+#: ``negatives`` of other categories.
+RERANKER_RECIPE = {"recipe": 1, "seed": SEED, "epochs": 3, "learning_rate": 5e-5, "batch_size": 16, "negatives": 2}
 DATASET_PATH = Path(__file__).parent / "data" / "taxonomy.jsonl"
 
 
@@ -201,4 +205,62 @@ def embedded_classifier_dir(cache_dir: Path | None = None, build: bool = True) -
     return build_once(
         "taxonomy-classifier-embedded", recipe, train, cache_dir, allow_build=build,
         what="the embedded classifier", expected="40 s",
+    )
+
+
+def relevance_pairs(split: str = "train", negatives: int = 2, seed: int = SEED) -> list[tuple[str, str, bool]]:
+    """``(query, passage, relevant)`` triples from ``split``'s texts: for each text as the query, the next text of
+    its category is relevant, and ``negatives`` texts of other categories (drawn with ``seed``) are not."""
+    import random
+
+    examples = dataset_examples(split)
+    by_label: dict[str, list[str]] = {}
+    for text, label in examples:
+        by_label.setdefault(label, []).append(text)
+    draw = random.Random(seed)
+    triples = []
+    for text, label in examples:
+        same = by_label[label]
+        triples.append((text, same[(same.index(text) + 1) % len(same)], True))
+        others = [other for other_label, texts in sorted(by_label.items()) if other_label != label for other in texts]
+        triples += [(text, other, False) for other in draw.sample(others, negatives)]
+    return triples
+
+
+def ranking_cases() -> list[tuple[str, list[str], int]]:
+    """Held-back ranking cases ``(query, candidates, relevant index)``: each held-back text is a query against one
+    training text of every category (a different one per query); the relevant candidate is its own category's."""
+    by_label: dict[str, list[str]] = {}
+    for text, label in dataset_examples("train"):
+        by_label.setdefault(label, []).append(text)
+    labels = sorted(by_label)
+    cases = []
+    for i, (query, label) in enumerate(dataset_examples("test")):
+        candidates = [by_label[other][i % len(by_label[other])] for other in labels]
+        cases.append((query, candidates, labels.index(label)))
+    return cases
+
+
+def embedded_reranker_dir(cache_dir: Path | None = None, build: bool = True) -> Path:
+    """A cross-encoder reranker fine-tuned from the packaged MiniLM on the shipped dataset's training pairs."""
+    from app.ml.training import fine_tune_cross_encoder
+
+    dataset_hash = hashlib.sha256(DATASET_PATH.read_bytes()).hexdigest()
+    recipe = {**RERANKER_RECIPE, "seed_model": _seed_fingerprint(), "dataset_sha256": dataset_hash}
+
+    def train(dest: Path) -> None:
+        fine_tune_cross_encoder(
+            packaged_minilm_dir(),
+            relevance_pairs("train", RERANKER_RECIPE["negatives"]),
+            dest,
+            epochs=RERANKER_RECIPE["epochs"],
+            learning_rate=RERANKER_RECIPE["learning_rate"],
+            batch_size=RERANKER_RECIPE["batch_size"],
+            seed=SEED,
+            base_name=config.CLASSIFICATION_BASE_MODEL_NAME,
+        )
+
+    return build_once(
+        "reranker-embedded", recipe, train, cache_dir, allow_build=build,
+        what="the embedded reranker", expected="30 s",
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from app.ml.errors import ModelUnavailableError
-from app.ml.resolver import CLASSIFICATION, SPARSE_EMBEDDING, ModelSource, resolve_model_path
+from app.ml.resolver import CLASSIFICATION, RERANK, SPARSE_EMBEDDING, ModelSource, resolve_model_path
 
 
 class LoadedModel(NamedTuple):
@@ -103,6 +103,23 @@ def load_classification_model(
     return LoadedModel(model, tokenizer, device)
 
 
+def load_rerank_model(path: str | Path | None = None, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """A cross-encoder reranker through FlagEmbedding's ``FlagReranker`` from a local directory."""
+    path = _checked_path(RERANK, path)
+    device = select_device(device, dtype)
+    try:
+        _quiet_transformers()
+        from FlagEmbedding import FlagReranker
+
+        model = FlagReranker(str(path), use_fp16=use_fp16(device, dtype), devices=device, trust_remote_code=False)
+        model.model.to(device).eval()
+        if dtype == "int8":
+            model.model = quantize_dynamic_int8(model.model)
+    except Exception as exc:
+        raise ModelUnavailableError(RERANK.name, [f"{path}: {type(exc).__name__}: {exc}"]) from exc
+    return LoadedModel(model, model.tokenizer, device)
+
+
 def quantize_dynamic_int8(module):
     """Dynamic int8 quantization of the linear layers, for CPU inference.
 
@@ -119,15 +136,6 @@ def quantize_dynamic_int8(module):
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
         return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8).eval()  # its new layers come in training mode
-
-
-def model_nbytes(model: Any) -> int:
-    """Bytes held by a model's parameters and buffers (0 for anything that is not torch)."""
-    module = getattr(model, "model", model)  # BGEM3FlagModel wraps its torch module
-    if "torch" not in sys.modules or not hasattr(module, "parameters"):
-        return 0
-    tensors = list(module.parameters()) + list(module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def inference_context():

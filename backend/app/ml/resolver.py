@@ -45,6 +45,12 @@ def _classifier_embedded(build: bool = True) -> Path:
     return embedded_classifier_dir(build=build)
 
 
+def _reranker_embedded(build: bool = True) -> Path:
+    from app.ml.embedded import embedded_reranker_dir
+
+    return embedded_reranker_dir(build=build)
+
+
 def _minilm_packaged(build: bool = True) -> Path:
     from app.ml.embedded import packaged_minilm_dir
 
@@ -56,6 +62,12 @@ SPARSE_EMBEDDING = ModelSource(
     env_var="SPARSE_EMBEDDING_MODEL_PATH",
     required_files=("config.json", "sparse_linear.pt", "colbert_linear.pt"),
     embedded=_sparse_embedded,
+)
+RERANK = ModelSource(
+    name=config.RERANK_MODEL_NAME,
+    env_var="RERANK_MODEL_PATH",
+    required_files=("config.json",),
+    embedded=_reranker_embedded,
 )
 CLASSIFICATION = ModelSource(
     name=os.environ.get("CLASSIFICATION_MODEL_NAME", "backend/taxonomy-classifier"),

@@ -71,26 +71,83 @@ def fine_tune(
         label2id=label2id,
         trust_remote_code=False,
     )
+
+    def loss(batch):
+        inputs = tokenizer(
+            [text for text, _ in batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        return model(**inputs, labels=torch.tensor([label2id[label] for _, label in batch])).loss
+
+    _train(model, pairs, loss, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed)
+    model.config.model_version = version
+    _save_atomically(model, tokenizer, Path(out_dir))
+    return version
+
+
+def fine_tune_cross_encoder(
+    base_dir: Path,
+    pairs: Sequence[tuple[str, str, bool]],
+    out_dir: Path,
+    *,
+    epochs: int = 4,
+    learning_rate: float = 5e-5,
+    batch_size: int = 16,
+    seed: int = 0,
+    max_length: int = 256,
+    base_name: str | None = None,
+) -> str:
+    """Fine-tune ``base_dir`` as a cross-encoder on ``(query, passage, relevant)`` triples and save it to ``out_dir``.
+
+    One output logit per pair (``num_labels=1``, binary cross-entropy): the layout FlagEmbedding's
+    ``FlagReranker`` and bge-reranker models use. The save is atomic; returns the model version.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    hyperparameters = {"epochs": epochs, "lr": learning_rate, "batch": batch_size, "seed": seed, "max_length": max_length}
+    version = model_version_for(base_name or str(base_dir), [list(p) for p in pairs], hyperparameters)
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1, trust_remote_code=False)
+    bce = torch.nn.BCEWithLogitsLoss()
+
+    def loss(batch):
+        inputs = tokenizer(
+            [query for query, _, _ in batch],
+            [passage for _, passage, _ in batch],
+            padding=True,
+            truncation="only_second",
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        target = torch.tensor([float(relevant) for _, _, relevant in batch])
+        return bce(model(**inputs).logits.view(-1), target)
+
+    _train(model, list(pairs), loss, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed)
+    model.config.model_version = version
+    _save_atomically(model, tokenizer, Path(out_dir))
+    return version
+
+
+def _train(model, examples: list, loss, *, epochs: int, learning_rate: float, batch_size: int, seed: int) -> None:
+    """AdamW over shuffled batches of ``examples``; ``loss(batch)`` gives each batch's loss. Leaves the model in eval mode."""
+    import torch
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
-    order = list(range(len(pairs)))
+    order = list(range(len(examples)))
     shuffler = random.Random(seed)
     model.train()
     for _ in range(epochs):
         shuffler.shuffle(order)
         for start in range(0, len(order), batch_size):
-            batch = [pairs[i] for i in order[start : start + batch_size]]
-            inputs = tokenizer(
-                [text for text, _ in batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-            )
-            target = torch.tensor([label2id[label] for _, label in batch])
-            loss = model(**inputs, labels=target).loss
-            loss.backward()
+            loss([examples[i] for i in order[start : start + batch_size]]).backward()
             optimizer.step()
             optimizer.zero_grad()
     model.eval()
-    model.config.model_version = version
 
-    out_dir = Path(out_dir)
+
+def _save_atomically(model, tokenizer, out_dir: Path) -> None:
+    """``out_dir`` holds the old model or the new one, never half of one."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
@@ -100,7 +157,6 @@ def fine_tune(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return version
 
 
 def _replace_dir(new: Path, target: Path) -> None:

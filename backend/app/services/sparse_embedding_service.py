@@ -8,8 +8,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.ml import SPARSE_EMBEDDING, LoadedModel, loading
-from app.models import ResourceSparseEmbedding
+from app.models import Resource, ResourceSparseEmbedding
 from app.services.common import ModelBackedService, atomic, get_resource, require_positive_int, require_text, require_texts
+from app.services.rerank_service import RerankService
 
 
 class SparseEmbeddingService(ModelBackedService):
@@ -18,12 +19,22 @@ class SparseEmbeddingService(ModelBackedService):
     model_name = SPARSE_EMBEDDING.name
     batch_size = 32
     max_length = 512
+    #: How many lexical hits ``search(..., rerank=True)`` hands to the reranker (at least ``limit``).
+    rerank_candidates = 50
 
-    def __init__(self, db: Session, model_path: str | Path | None = None, device: str | None = None):
+    def __init__(
+        self,
+        db: Session,
+        model_path: str | Path | None = None,
+        device: str | None = None,
+        reranker: RerankService | None = None,
+    ):
         self.db = db
         #: None: the configured (``SPARSE_EMBEDDING_MODEL_PATH``) or embedded model.
         self.model_path = Path(model_path) if model_path is not None else None
         self.device = device
+        #: The reranker of ``search(..., rerank=True)``; None: a ``RerankService`` made on first use.
+        self.reranker = reranker
 
     def _load_model(self) -> LoadedModel:
         return loading.load_sparse_embedding_model(self.model_path, self.device)
@@ -78,9 +89,15 @@ class SparseEmbeddingService(ModelBackedService):
         """BGE-M3's lexical matching score: the sum of weight products over shared tokens."""
         return sum(weight * document[token] for token, weight in query.items() if token in document)
 
-    def search(self, query: str, limit: int = 10) -> list[tuple[int, float]]:
-        """``(resource_id, score)`` of embedded resources that share tokens with ``query``, best first."""
+    def search(self, query: str, limit: int = 10, rerank: bool = False) -> list[tuple[int, float]]:
+        """``(resource_id, score)`` of embedded resources that share tokens with ``query``, best first.
+
+        With ``rerank=True`` the best ``max(limit, rerank_candidates)`` lexical hits are ranked again by
+        the reranker, which reads the query and each resource's text together; the scores are then its own.
+        """
         limit = require_positive_int(limit, "limit")
+        if not isinstance(rerank, bool):
+            raise TypeError(f"rerank must be bool, not {type(rerank).__name__}")
         query_weights = self.generate_embedding(query)
         if not query_weights:
             return []
@@ -89,4 +106,10 @@ class SparseEmbeddingService(ModelBackedService):
             for row in self.db.scalars(select(ResourceSparseEmbedding))
         ]
         ranked = sorted((hit for hit in scored if hit[1] > 0), key=lambda hit: (-hit[1], hit[0]))
-        return ranked[:limit]
+        if not rerank or not ranked:
+            return ranked[:limit]
+        candidates = [resource_id for resource_id, _ in ranked[: max(limit, self.rerank_candidates)]]
+        texts = [self.db.get(Resource, resource_id).text for resource_id in candidates]
+        if self.reranker is None:
+            self.reranker = RerankService(self.db, device=self.device)
+        return [(candidates[i], score) for i, score in self.reranker.rerank(query, texts, top_k=limit)]
