@@ -1,12 +1,13 @@
 """A pytest plugin the benchmark adds to every run: counts real loads whatever fixtures are in use.
 
-It wraps the application's two loaders (every real load, pooled or not, goes through them)
+It wraps the loaders the project declares (every real load, pooled or not, goes through them)
 and appends one JSON line per process to ``$BENCH_PROBE_OUT``. The wrappers are removed at
 the end, so that runs in one process (the benchmark's smoke test) do not stack them.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import resource
@@ -14,9 +15,8 @@ import sys
 import time
 
 HEAVY = ("torch", "transformers", "FlagEmbedding")
-LOADERS = ("load_sparse_embedding_model", "load_classification_model")
 _loads: list[float] = []
-_originals: dict[str, object] = {}
+_originals: dict[tuple[str, str], object] = {}
 
 
 def _counted(load):
@@ -31,19 +31,20 @@ def _counted(load):
 
 
 def pytest_configure(config):
-    from app.ml import loading
+    from ml_models import PROJECT
 
     _loads.clear()
-    for name in LOADERS:
-        _originals[name] = getattr(loading, name)
-        setattr(loading, name, _counted(_originals[name]))
+    for spec in PROJECT.models:
+        target = spec.loader_target
+        module = importlib.import_module(target[0])
+        _originals[target] = getattr(module, target[1])
+        setattr(module, target[1], _counted(_originals[target]))
 
 
 def pytest_unconfigure(config):
-    from app.ml import loading
-
-    for name, original in _originals.items():
-        setattr(loading, name, original)
+    for (module, name), original in _originals.items():
+        setattr(sys.modules[module], name, original)
+    _originals.clear()
     with open(os.environ["BENCH_PROBE_OUT"], "a") as out:
         out.write(
             json.dumps(

@@ -30,6 +30,7 @@ sys.path[:0] = [str(REPO / "backend"), str(REPO / "backend" / "tests"), str(HERE
 
 import chart  # noqa: E402
 from ml_fixtures import scaffold  # noqa: E402
+from ml_models import PROJECT  # noqa: E402
 from suite import PEER_FIXTURES, SCALE_TEST, Sizes, generate, generate_bare_unit  # noqa: E402
 
 PACKAGES = ("torch", "transformers", "FlagEmbedding", "pytest", "pytest-xdist", "SQLAlchemy")
@@ -81,7 +82,7 @@ def run_pytest(root: Path, args: list[str], env: dict[str, str] | None = None, m
         env = {
             **os.environ,
             **(env or {}),
-            "PYTHONPATH": os.pathsep.join(scaffold.python_path(HERE)),
+            "PYTHONPATH": os.pathsep.join(scaffold.python_path(PROJECT, HERE)),
             "BENCH_PROBE_OUT": str(probe_out),
         }
         command = [sys.executable, "-m", "pytest", "-q", "-p", "load_probe", *args]
@@ -122,7 +123,7 @@ def measured(probe_out: Path, wall: float) -> dict:
 
 
 def run_probe(name: str, *numbers: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(scaffold.python_path())}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(scaffold.python_path(PROJECT))}
     done = subprocess.run(
         [sys.executable, str(HERE / "probes.py"), name, *map(str, numbers)], env=env, capture_output=True, text=True, check=True
     )

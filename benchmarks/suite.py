@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ml_fixtures import scaffold
+from ml_models import PROJECT
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ def generate(
     root: Path, sizes: Sizes, integration_fixtures: str = POOLED_FIXTURES, sparse_test: str = SPARSE_TEST
 ) -> None:
     """Lay out the suite under ``root`` with the real conftests and the given model fixtures."""
-    scaffold.lay_out(root)
+    scaffold.lay_out(root, PROJECT)
     with (root / "integration" / "conftest.py").open("a") as conftest:
         conftest.write(integration_fixtures)
     n = sizes.tests_per_integration_module

@@ -4,7 +4,8 @@ import inspect
 
 import pytest
 
-from ml_fixtures.fakes import FakeBGEM3Model, FakeTokenizer
+from fake_models import FakeBGEM3Model
+from ml_fixtures.fakes import FakeTokenizer
 
 pytestmark = pytest.mark.use_real_models
 

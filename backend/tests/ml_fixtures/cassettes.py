@@ -1,8 +1,8 @@
 """Recorded model responses, in the manner of VCR.py cassettes.
 
 An integration run with ``--ml-record=once|rewrite`` records every model call that a service
-makes on a real model — the text in, the raw model output out — into one JSON cassette per
-test module. In every run the fake models replay a recorded output where the cassettes hold
+makes on a real model — each input (a text, or a pair of texts) in, the raw model output out —
+into one JSON cassette per test module; the model's ``ModelCall`` declaration says how. In every run the fake models replay a recorded output where the cassettes hold
 that text, and fall back to their deterministic made-up output otherwise; under
 ``--ml-replay=strict`` a text that no current cassette holds fails the test instead
 (:class:`CassetteMissError`, in the manner of VCR's "can't overwrite existing cassette").
@@ -22,8 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.ml import ModelUnavailableError, resolve_model_path
-from app.ml.resolver import ModelSource
+from ml_fixtures.declaration import ModelSpec, cassette_key
 from ml_fixtures.options import RecordMode, ReplayMode
 
 VERSION = 1
@@ -44,16 +43,15 @@ def _directory_fingerprint(path: Path, stamp: tuple) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def fingerprint(source: ModelSource) -> str | None:
-    """The fingerprint of the model ``source`` resolves to now, or None where it is not on disk.
+def fingerprint(spec: ModelSpec) -> str | None:
+    """The fingerprint of ``spec``'s default model as it is on disk now, or None where it is not there.
 
-    An embedded model is known by its recipe (``recipe.json``: seed, constants, input hashes):
+    A model built from a recipe is known by it (``recipe.json``: seed, constants, input hashes):
     fine-tuning the same recipe on another CPU moves the weights' last bits, not the model.
     Any other directory is known by the bytes of its files.
     """
-    try:
-        path = resolve_model_path(source, build=False)
-    except ModelUnavailableError:
+    path = spec.locate()
+    if path is None:
         return None
     recipe = path / "recipe.json"
     if recipe.is_file():
@@ -87,13 +85,15 @@ class Replay:
     test: str = ""
     cassette: Path | None = None
 
-    def get(self, text: str | None) -> object | None:
+    def get(self, call_input: str | tuple[str, ...] | None) -> object | None:
+        """The recorded output for an input of the model call (a text, or a pair as a tuple), or None."""
         if self.mode is ReplayMode.NONE:
             return None
-        if text in self.calls:
-            return self.calls[text]
+        key = None if call_input is None else cassette_key(call_input)
+        if key in self.calls:
+            return self.calls[key]
         if self.mode is ReplayMode.STRICT:
-            raise CassetteMissError(self._miss_message(text))
+            raise CassetteMissError(self._miss_message(key))
         return None
 
     def _miss_message(self, text: str | None) -> str:
@@ -115,7 +115,7 @@ class Cassettes:
         self,
         directory: Path,
         mode: RecordMode,
-        fingerprint_of: Callable[[ModelSource], str | None] = fingerprint,
+        fingerprint_of: Callable[[ModelSpec], str | None] = fingerprint,
     ):
         self.directory, self.mode = Path(directory), mode
         self._fingerprint_of = fingerprint_of
@@ -125,10 +125,10 @@ class Cassettes:
         self._entries: dict[tuple[Path, str], dict | None] = {}
         self._indexes: dict[str, dict[str, object]] = {}
 
-    def current_fingerprint(self, source: ModelSource) -> str | None:
-        if source.name not in self._fingerprints:
-            self._fingerprints[source.name] = self._fingerprint_of(source)
-        return self._fingerprints[source.name]
+    def current_fingerprint(self, spec: ModelSpec) -> str | None:
+        if spec.model_name not in self._fingerprints:
+            self._fingerprints[spec.model_name] = self._fingerprint_of(spec)
+        return self._fingerprints[spec.model_name]
 
     def _all(self) -> dict[Path, dict]:
         if self._loaded is None:
@@ -137,33 +137,33 @@ class Cassettes:
             }
         return self._loaded
 
-    def is_stale(self, entry: dict, source: ModelSource) -> bool:
-        current = self.current_fingerprint(source)
+    def is_stale(self, entry: dict, spec: ModelSpec) -> bool:
+        current = self.current_fingerprint(spec)
         return current is not None and entry.get("fingerprint") != current
 
-    def replay_index(self, source: ModelSource) -> dict[str, object]:
-        """Text -> recorded output of ``source``'s model, from every cassette that is not stale."""
-        if source.name not in self._indexes:
-            self._indexes[source.name] = self._index(source)
-        return self._indexes[source.name]
+    def replay_index(self, spec: ModelSpec) -> dict[str, object]:
+        """Input -> recorded output of ``spec``'s model, from every cassette that is not stale."""
+        if spec.model_name not in self._indexes:
+            self._indexes[spec.model_name] = self._index(spec)
+        return self._indexes[spec.model_name]
 
-    def _index(self, source: ModelSource) -> dict[str, object]:
+    def _index(self, spec: ModelSpec) -> dict[str, object]:
         index: dict[str, object] = {}
         for cassette in self._all().values():
-            entry = cassette.get("models", {}).get(source.name)
-            if entry and not self.is_stale(entry, source):
+            entry = cassette.get("models", {}).get(spec.model_name)
+            if entry and not self.is_stale(entry, spec):
                 index.update(entry["calls"])
         return index
 
-    def stale(self, sources: list[ModelSource]) -> list[str]:
+    def stale(self, specs: tuple[ModelSpec, ...]) -> list[str]:
         """Cassettes recorded from another version of a model than the one in use (re-recorded ones excepted)."""
         return [
-            f"{path.relative_to(self.directory)} ({source.name})"
+            f"{path.relative_to(self.directory)} ({spec.model_name})"
             for path, cassette in self._all().items()
-            for source in sources
-            if source.name in cassette.get("models", {})
-            and self.is_stale(cassette["models"][source.name], source)
-            and not self._entries.get((path, source.name))
+            for spec in specs
+            if spec.model_name in cassette.get("models", {})
+            and self.is_stale(cassette["models"][spec.model_name], spec)
+            and not self._entries.get((path, spec.model_name))
         ]
 
     def path_for(self, module_path: Path, rootpath: Path) -> Path:
@@ -175,30 +175,31 @@ class Cassettes:
             relative = module_path.relative_to(rootpath)
         return self.directory / relative.with_suffix(".json")
 
-    def recording(self, cassette_path: Path, source: ModelSource) -> Callable[[str, object], None] | None:
-        """A ``record(text, output)`` for one model in one cassette, or None if nothing is to be recorded.
+    def recording(self, cassette_path: Path, spec: ModelSpec) -> Callable[[object, object], None] | None:
+        """A ``record(input, output)`` for one model in one cassette, or None if nothing is to be recorded.
 
         ``once`` records a model's calls where its cassette lacks them or is stale; ``rewrite`` always.
         The decision is taken once per run, so a module's calls all land in one fresh entry.
         """
         if self.mode is RecordMode.NONE:
             return None
-        key = (cassette_path, source.name)
+        key = (cassette_path, spec.model_name)
         if key not in self._entries:
-            current = self.current_fingerprint(source)
+            current = self.current_fingerprint(spec)
             existing = self._all().get(cassette_path, {"version": VERSION, "models": {}})
-            entry = existing["models"].get(source.name)
+            entry = existing["models"].get(spec.model_name)
             if self.mode is RecordMode.REWRITE or entry is None or entry.get("fingerprint") != current:
                 cassette = self._recording.setdefault(cassette_path, json.loads(json.dumps(existing)))
-                cassette["models"][source.name] = {"fingerprint": current, "calls": {}}
-                self._entries[key] = cassette["models"][source.name]
+                cassette["models"][spec.model_name] = {"fingerprint": current, "calls": {}}
+                self._entries[key] = cassette["models"][spec.model_name]
             else:
                 self._entries[key] = None
         entry = self._entries[key]
         if entry is None:
             return None
 
-        def record(text: str, output: object) -> None:
+        def record(call_input: object, output: object) -> None:
+            text = cassette_key(call_input)
             if len(text) <= MAX_TEXT:
                 entry["calls"].setdefault(text, _rounded(output))
 

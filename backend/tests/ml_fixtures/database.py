@@ -26,26 +26,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import MetaData, create_engine
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
-from app.models import Base
 from ml_fixtures.options import Database
 
 URL_VARIABLE = "TEST_DATABASE_URL"
 
 
-def in_memory_sqlite() -> Engine:
+def in_memory_sqlite(metadata: MetaData | None) -> Engine:
     engine = create_engine("sqlite://", connect_args={"check_same_thread": False}, poolclass=StaticPool)
-    Base.metadata.create_all(engine)
+    (MetaData() if metadata is None else metadata).create_all(engine)
     return engine
 
 
 @contextlib.contextmanager
-def engine_for_run(config: pytest.Config) -> Iterator[Engine | None]:
-    """The run's server engine with the schema created, or None for a fresh SQLite database per test."""
+def engine_for_run(config: pytest.Config, metadata: MetaData | None) -> Iterator[Engine | None]:
+    """The run's server engine with the schema (``metadata``) created, or None for a fresh SQLite database per test."""
     url = config.getoption("db_url") or os.environ.get(URL_VARIABLE)
     kind = Database.parse(config.getoption("db"), "--db")
     if url is None and kind is Database.SQLITE:
@@ -58,15 +57,15 @@ def engine_for_run(config: pytest.Config) -> Iterator[Engine | None]:
             url = stack.enter_context(_database_of_its_own(url))
         engine = create_engine(url)
         stack.callback(engine.dispose)
-        Base.metadata.create_all(engine)
+        (MetaData() if metadata is None else metadata).create_all(engine)
         yield engine
 
 
 @contextlib.contextmanager
-def session_for_test(engine: Engine | None) -> Iterator[Session]:
+def session_for_test(engine: Engine | None, metadata: MetaData | None) -> Iterator[Session]:
     """A session for one test: on a fresh in-memory SQLite, or in a transaction rolled back afterwards."""
     if engine is None:
-        engine = in_memory_sqlite()
+        engine = in_memory_sqlite(metadata)
         with Session(engine, expire_on_commit=False) as session:
             yield session
         engine.dispose()

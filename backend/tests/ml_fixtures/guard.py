@@ -1,9 +1,9 @@
 """Blocking real model loads in the unit trees, in the manner of pytest-django's ``django_db_blocker``.
 
 While a test under ``ml_model_policy == "unit"`` that is not marked ``use_real_models`` runs,
-the :class:`ModelBlocker` is blocked, and the application's loaders, ``torch.load``,
-transformers' ``from_pretrained`` and FlagEmbedding's ``BGEM3FlagModel`` fail the test with a
-message naming the marker, instead of passing slowly. A fixture that legitimately needs a
+the :class:`ModelBlocker` is blocked, and the project's declared loaders, ``torch.load``,
+transformers' ``from_pretrained`` and FlagEmbedding's models fail the test with a message naming
+the marker, instead of passing slowly. A fixture that legitimately needs a
 real load takes ``ml_model_blocker`` and loads inside ``with ml_model_blocker.unblock():``.
 Libraries that are not imported yet are patched the moment they are (one import hook in
 ``sys.meta_path`` while a test is blocked), so guarding costs a unit run no import.
@@ -22,15 +22,28 @@ from types import ModuleType
 
 import pytest
 
-#: module -> attributes (``Class.method`` or ``function``) that load model weights.
-LOADERS = {
-    "app.ml.loading": ("load_sparse_embedding_model", "load_classification_model"),
+#: module -> attributes (``Class.method`` or ``function``) of the ML libraries that load model weights;
+#: a project's declared loaders are added to these (:func:`loaders_of`).
+LIBRARY_LOADERS = {
     "torch": ("load",),
     "transformers.modeling_utils": ("PreTrainedModel.from_pretrained",),
     "transformers.models.auto.auto_factory": ("_BaseAutoModelClass.from_pretrained",),
     "FlagEmbedding.inference.embedder.encoder_only.m3": ("M3Embedder.__init__",),
+    "FlagEmbedding.inference.reranker.encoder_only.base": ("BaseReranker.__init__",),
 }
 MARKER = "use_real_models"
+
+
+def loaders_of(project) -> dict[str, tuple[str, ...]]:
+    """What the guard blocks for ``project``: the libraries' loaders, each model's loader, its extra ones."""
+    loaders = {module: list(attributes) for module, attributes in LIBRARY_LOADERS.items()}
+    targets = [spec.loader_target for spec in project.models]
+    targets += [tuple(target.split(":", 1)) for target in project.extra_loaders]
+    for module, attribute in targets:
+        loaders.setdefault(module, [])
+        if attribute not in loaders[module]:
+            loaders[module].append(attribute)
+    return {module: tuple(attributes) for module, attributes in loaders.items()}
 
 
 @dataclass(frozen=True)
@@ -66,7 +79,9 @@ class ModelBlocker:
     manager that restores on exit. Outside any test nothing is blocked.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, loaders: dict[str, tuple[str, ...]] | None = None) -> None:
+        #: module -> attributes that load model weights (:func:`loaders_of`).
+        self.loaders = dict(LIBRARY_LOADERS if loaders is None else loaders)
         self._history: list[BlockedTest | None] = []
         self._hook = _PatchAfterImport()
 
@@ -76,7 +91,7 @@ class ModelBlocker:
         return self._history[-1] if self._history else None
 
     @property
-    def is_active(self) -> bool:
+    def is_blocked(self) -> bool:
         """True while real loads are blocked."""
         return self.blocked is not None
 
@@ -110,10 +125,10 @@ class ModelBlocker:
             pytest.fail(self.blocked.message(what), pytrace=False)
 
     def guard_test(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, test: BlockedTest) -> None:
-        """Block loads for the rest of ``request``'s test; patch every loader in :data:`LOADERS`."""
+        """Block loads for the rest of ``request``'s test; patch every loader in :attr:`loaders`."""
 
         def patch_module(module: ModuleType) -> None:
-            for attribute in LOADERS[module.__name__]:
+            for attribute in self.loaders[module.__name__]:
                 owner_name, _, name = attribute.rpartition(".")
                 what = f"{module.__name__}.{attribute}"
                 if not owner_name:
@@ -124,7 +139,7 @@ class ModelBlocker:
                     monkeypatch.setattr(owner, name, _blocking(owner.__dict__[name], what, self))
 
         pending = {}
-        for module_name in LOADERS:
+        for module_name in self.loaders:
             module = sys.modules.get(module_name)
             if module is not None:
                 patch_module(module)

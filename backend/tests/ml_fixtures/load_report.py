@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import psutil
 
-from app.ml import LoadedModel
+from ml_fixtures.declaration import LoadedModel
 
 
 def _rss_mb() -> float:

@@ -80,7 +80,7 @@ def _values(choice: type[Choice]) -> str:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("ml-models", "ML model fixtures (backend/tests/ML_MODEL_OPTIMIZATION.md)")
+    group = parser.getgroup("ml-models", "ML model fixtures (ML_MODEL_OPTIMIZATION.md beside the root conftest)")
     group.addoption(
         "--ml-model-scope",
         default=ModelScope.SESSION.value,
@@ -111,8 +111,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--ml-model-cache-dir",
         default=None,
         metavar="DIR",
-        help="where the embedded test models are built and kept across runs "
-        "(default: $ML_MODEL_CACHE_DIR, else ~/.cache/backend-ml-models)",
+        help="where the project builds and keeps its test models across runs "
+        "(default: the project's cache directory, e.g. $ML_MODEL_CACHE_DIR)",
     )
     group.addoption(
         "--ml-record",
@@ -131,9 +131,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--ml-cassette-dir",
-        default=str(Path(__file__).resolve().parents[1] / "cassettes"),
+        default=None,
         metavar="DIR",
-        help="where the cassettes are (default: backend/tests/cassettes)",
+        help="where the cassettes are (default: cassettes/ beside the root conftest)",
     )
     group.addoption(
         "--ml-warm",
@@ -146,7 +146,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="stop the warm server of --ml-warm, if one runs, and exit",
     )
-    database = parser.getgroup("backend-database", "test_db's database (backend/tests/ML_MODEL_OPTIMIZATION.md)")
+    database = parser.getgroup("ml-database", "test_db's database (ML_MODEL_OPTIMIZATION.md beside the root conftest)")
     database.addoption(
         "--db",
         default=Database.SQLITE.value,
@@ -184,7 +184,7 @@ class Settings:
     cassette_dir: Path
 
     @classmethod
-    def from_config(cls, config: pytest.Config) -> Settings:
+    def from_config(cls, config: pytest.Config, default_cassette_dir: Path) -> Settings:
         device = config.getoption("ml_device")
         return cls(
             scope=ModelScope.parse(config.getoption("ml_model_scope"), "--ml-model-scope"),
@@ -194,5 +194,5 @@ class Settings:
             dtype=None if config.getoption("ml_quantize") == "none" else config.getoption("ml_quantize"),
             record=RecordMode.parse(config.getoption("ml_record"), "--ml-record"),
             replay=ReplayMode.parse(config.getoption("ml_replay"), "--ml-replay"),
-            cassette_dir=Path(config.getoption("ml_cassette_dir")),
+            cassette_dir=Path(config.getoption("ml_cassette_dir") or default_cassette_dir),
         )

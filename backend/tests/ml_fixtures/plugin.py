@@ -1,35 +1,74 @@
-"""The pytest hooks of the ML fixture library; the fixtures themselves live in the root conftest."""
+"""The pytest plugin of the ML fixture library.
+
+The module-level hooks add the options and the ``pytest_ml_project`` hook, hand ``--ml-warm`` runs
+to the warm server, and register one :class:`MLModels` object per run (in the manner of
+pytest-xdist's ``DSession``): the run's state — settings, pool, load report, cassettes, the guard's
+blocker, the test being run — and the hooks that act on it. The fixtures (``fixtures.py``) reach
+it through :func:`ml_models`.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import logging
 import os
+from pathlib import Path
 
 import pytest
 
-from app import config as app_config
-from app.ml import LoadedModel, ModelUnavailableError
-from ml_fixtures import warm
+from ml_fixtures import hookspecs, warm
 from ml_fixtures.cassettes import Cassettes, Replay
-from ml_fixtures.catalog import KINDS, ModelKind
-from ml_fixtures.guard import MARKER, BlockedTest, ModelBlocker
+from ml_fixtures.declaration import DeclarationError, LoadedModel, ModelSpec, Project
+from ml_fixtures.guard import MARKER, BlockedTest, ModelBlocker, loaders_of
 from ml_fixtures.load_report import LoadReport
 from ml_fixtures.options import ModelScope, Policy, Settings
 from ml_fixtures.options import pytest_addoption as pytest_addoption  # noqa: F401 (a hook)
 from ml_fixtures.pool import ModelKey, ModelPool
 
-settings_key = pytest.StashKey[Settings]()
-pool_key = pytest.StashKey[ModelPool]()
-load_report_key = pytest.StashKey[LoadReport]()
-cassettes_key = pytest.StashKey[Cassettes]()
-blocker_key = pytest.StashKey[ModelBlocker]()
-build_lines_key = pytest.StashKey[logging.Handler]()
-#: The test being run: module-scoped fixtures are set up on behalf of whichever test comes first.
-current_item_key = pytest.StashKey["pytest.Item | None"]()
-#: A fresh load into the pooled model's objects costs this much here (see ML_MODEL_OPTIMIZATION.md).
-COPY_COST = "a fresh load of its own: about 0.25 s for the embedded models, 0.55 s at bge-m3 size"
+ml_models_key = pytest.StashKey["MLModels"]()
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def project_of(config: pytest.Config) -> Project:
+    """The project's declaration (``pytest_ml_project``), or an empty one: no models."""
+    project = config.hook.pytest_ml_project(config=config)
+    if project is None:
+        return Project(models=(), tests_dir=config.rootpath, cache_dir=lambda: Path.home() / ".cache" / "ml-fixtures")
+    if not isinstance(project, Project):
+        raise pytest.UsageError(f"pytest_ml_project must return an ml_fixtures.declaration.Project, not {project!r}")
+    return project
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> int | None:
+    """``--ml-warm``: hand the whole session to a warm server's child; ``--ml-warm-stop``: stop it."""
+    if config.getoption("ml_warm_stop"):
+        return warm.stop()
+    if config.getoption("ml_warm"):
+        with pytest.MonkeyPatch.context() as environment:
+            if "ML_WARM_PRELOAD" not in os.environ:  # a server started now imports what the project uses
+                environment.setenv("ML_WARM_PRELOAD", ",".join(project_of(config).warm_preload))
+            return warm.run([str(arg) for arg in config.invocation_params.args if arg != "--ml-warm"])
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}: run this test on real models (opts out of the automatic fake models and the unit-tree guard)",
+    )
+    plugin = MLModels(config, project_of(config))
+    config.stash[ml_models_key] = plugin
+    config.pluginmanager.register(plugin, "ml-models")
+
+
+def ml_models(config: pytest.Config) -> MLModels:
+    """The run's :class:`MLModels`."""
+    return config.stash[ml_models_key]
 
 
 class UnavailableModel(LoadedModel):
@@ -41,50 +80,8 @@ class UnavailableModel(LoadedModel):
         return self
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_cmdline_main(config: pytest.Config) -> int | None:
-    """``--ml-warm``: hand the whole session to a warm server's child; ``--ml-warm-stop``: stop it."""
-    if config.getoption("ml_warm_stop"):
-        return warm.stop()
-    if config.getoption("ml_warm"):
-        return warm.run([str(arg) for arg in config.invocation_params.args if arg != "--ml-warm"])
-    return None
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        f"{MARKER}: run this test on real models (opts out of the automatic fake models and the unit-tree guard)",
-    )
-    # Model hubs are never reached from tests: the resolver uses local files only.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    # Pinned for child processes too (pytester moves HOME), so models are built once per machine.
-    if config.getoption("ml_model_cache_dir"):
-        os.environ["ML_MODEL_CACHE_DIR"] = config.getoption("ml_model_cache_dir")
-    os.environ.setdefault("ML_MODEL_CACHE_DIR", str(app_config.model_cache_dir()))
-    settings = Settings.from_config(config)
-    report = LoadReport(worker=os.environ.get("PYTEST_XDIST_WORKER", "main"))
-    config.stash[settings_key] = settings
-    config.stash[load_report_key] = report
-    config.stash[pool_key] = ModelPool(settings.memory_budget, on_load=report.timed_load, on_evict=report.evicted)
-    config.stash[cassettes_key] = Cassettes(settings.cassette_dir, settings.record)
-    config.stash[blocker_key] = ModelBlocker()
-    config.stash[current_item_key] = None
-    if config.pluginmanager.hasplugin("xdist"):
-        config.pluginmanager.register(_XdistReport(report), "ml-models-xdist")
-    config.stash[build_lines_key] = _TerminalLines(config)
-    logging.getLogger("app.ml.embedded").addHandler(config.stash[build_lines_key])
-    logging.getLogger("app.ml.embedded").setLevel(logging.INFO)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    if build_lines_key in config.stash:
-        logging.getLogger("app.ml.embedded").removeHandler(config.stash[build_lines_key])
-
-
 class _TerminalLines(logging.Handler):
-    """Shows log lines (the embedded models' builds) in pytest's terminal, even with capture on."""
+    """Shows log lines (the project's model builds) in pytest's terminal, even with capture on."""
 
     def __init__(self, config: pytest.Config):
         super().__init__(logging.INFO)
@@ -100,212 +97,264 @@ class _TerminalLines(logging.Handler):
             terminal.write_line(self.format(record))
 
 
-def cached_fixture_scope(fixture_name: str, config: pytest.Config) -> str:
-    """Module scope, or function scope under ``--ml-model-scope=function`` (a load per test)."""
-    return "function" if config.stash[settings_key].scope is ModelScope.FUNCTION else "module"
+class MLModels:
+    """One run's state, and the hooks that act on it (registered as the plugin ``ml-models``)."""
 
+    def __init__(self, config: pytest.Config, project: Project):
+        self.config, self.project = config, project
+        self.settings = Settings.from_config(config, project.cassettes)
+        self.report = LoadReport(worker=os.environ.get("PYTEST_XDIST_WORKER", "main"))
+        self.pool = ModelPool(
+            self.settings.memory_budget,
+            on_load=self.report.timed_load,
+            on_evict=self.report.evicted,
+            unavailable=project.unavailable,
+        )
+        self.cassettes = Cassettes(self.settings.cassette_dir, self.settings.record)
+        self.blocker = ModelBlocker(loaders_of(project))
+        self.by_cached_fixture = {spec.cached_fixture: spec for spec in project.models}
+        #: The test being run: module-scoped fixtures are set up on behalf of whichever test comes first.
+        self.item: pytest.Item | None = None
+        self._policies: dict[object, Policy] = {}
+        self._pin_environment()
+        self._show_builds()
 
-def model_key(config: pytest.Config, kind: ModelKind, path: object = None) -> ModelKey:
-    settings = config.stash[settings_key]
-    model = kind.model_name if path is None else f"{kind.model_name} @ {path}"
-    return ModelKey(model, settings.device or "auto", settings.dtype or "default")
+    # ------------------------------------------------------------ process-wide changes, undone at the end
 
+    def _pin_environment(self) -> None:
+        environment = pytest.MonkeyPatch()
+        self.config.add_cleanup(environment.undo)  # in-process runs (pytester) leave nothing behind
+        # Model hubs are never reached from tests: the resolvers use local files only.
+        for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            environment.setenv(variable, os.environ.get(variable, "1"))
+        variable = self.project.cache_dir_variable
+        if variable:  # pinned for child processes too (pytester moves HOME): models are built once per machine
+            chosen = self.config.getoption("ml_model_cache_dir") or os.environ.get(variable) or self.project.cache_dir()
+            environment.setenv(variable, str(chosen))
 
-def pool_model(config: pytest.Config, kind: ModelKind, path: object = None) -> LoadedModel:
-    """``kind``'s real model from the pool (loaded there on first use)."""
-    settings = config.stash[settings_key]
-    return config.stash[pool_key].acquire(
-        model_key(config, kind, path), lambda: kind.load_real(path, settings.device, settings.dtype)
-    )
+    def _show_builds(self) -> None:
+        handler = _TerminalLines(self.config)
+        for name in self.project.build_loggers:
+            logger = logging.getLogger(name)
+            level = logger.level
+            logger.setLevel(logging.INFO if level == logging.NOTSET else min(level, logging.INFO))
+            logger.addHandler(handler)
+            self.config.add_cleanup(functools.partial(logger.setLevel, level))
+            self.config.add_cleanup(functools.partial(logger.removeHandler, handler))
 
+    # ------------------------------------------------------------ policy and the guard
 
-def _marked(item: pytest.Item) -> bool:
-    return item.get_closest_marker(MARKER) is not None
+    def policy_of(self, request: pytest.FixtureRequest) -> Policy:
+        """The requesting test's directory rule (its ``ml_model_policy``), parsed once per value."""
+        value = request.getfixturevalue("ml_model_policy")
+        if value not in self._policies:
+            self._policies[value] = Policy.parse(value, "ml_model_policy")
+        policy = self._policies[value]
+        self.report.current_policy = policy
+        return policy
 
+    def refuse_unmarked(self, item: pytest.Item, policy: Policy, what: str) -> None:
+        """Under the unit policy, a real model for a test that is not marked fails it, naming the way out."""
+        if policy is Policy.UNIT and item.get_closest_marker(MARKER) is None and not self.blocker.unblocked:
+            pytest.fail(BlockedTest.of(item, policy).message(what), pytrace=False)
 
-def _refuse_unmarked(config: pytest.Config, item: pytest.Item, policy: Policy, what: str) -> None:
-    """Under the unit policy, a real model for a test that is not marked fails it, naming the way out."""
-    if policy is Policy.UNIT and not _marked(item) and not config.stash[blocker_key].unblocked:
-        pytest.fail(BlockedTest.of(item, policy).message(what), pytrace=False)
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest) -> None:
+        """Refuse a cached fixture to a test that the guard blocks, before anything loads.
 
+        Refused here, before pytest's own set-up, the refusal is not cached with the module-scoped
+        fixture: a later marked test of the module still gets the model.
+        """
+        if fixturedef.argname in self.by_cached_fixture and self.item is not None:
+            self.refuse_unmarked(self.item, self.policy_of(request), fixturedef.argname)
 
-def cached_model(request: pytest.FixtureRequest, kind: ModelKind, policy: str) -> LoadedModel:
-    """What a cached fixture yields: the pooled model, or an :class:`UnavailableModel`.
+    # ------------------------------------------------------------ what the fixtures get
 
-    The guard has checked the test that sets it up (``pytest_fixture_setup``); every later test
-    of the module is checked again by ``route_model_loads``.
-    """
-    config = request.config
-    config.stash[load_report_key].current_policy = Policy.parse(policy, "ml_model_policy")
-    try:
-        return pool_model(config, kind)
-    except ModelUnavailableError as exc:
-        return UnavailableModel(f"{kind.fixture}: {exc}")
+    def key(self, spec: ModelSpec, path: Path | None = None, private: bool = False) -> ModelKey:
+        settings = self.settings
+        return ModelKey(
+            spec.model_name,
+            settings.device or "auto",
+            settings.dtype or "default",
+            None if path is None else str(path),
+            private,
+        )
 
+    def pooled(self, spec: ModelSpec, path: Path | None = None) -> LoadedModel:
+        """``spec``'s real model from the pool (loaded there on first use)."""
+        settings = self.settings
+        return self.pool.acquire(self.key(spec, path), lambda: spec.load_real(path, settings.device, settings.dtype))
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest) -> None:
-    """Refuse a cached fixture to a test that the guard blocks, before anything loads.
+    def cached(self, request: pytest.FixtureRequest, spec: ModelSpec) -> LoadedModel:
+        """What a cached fixture yields: the pooled model, or an :class:`UnavailableModel`.
 
-    Refused here, before pytest's own set-up, the refusal is not cached with the module-scoped
-    fixture: a later marked test of the module still gets the model.
-    """
-    kind = next((k for k in KINDS if k.fixture == fixturedef.argname), None)
-    item = request.config.stash[current_item_key]
-    if kind is not None and item is not None:
-        policy = Policy.parse(request.getfixturevalue("ml_model_policy"), "ml_model_policy")
-        _refuse_unmarked(request.config, item, policy, kind.fixture)
+        The guard has checked the test that sets it up (``pytest_fixture_setup``); every later test
+        of the module is checked again by :meth:`route`.
+        """
+        self.policy_of(request)
+        try:
+            return self.pooled(spec)
+        except self.project.unavailable as exc:
+            return UnavailableModel(f"{spec.cached_fixture}: {exc}")
 
+    def private_copy(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, spec: ModelSpec) -> LoadedModel:
+        """A fresh load of ``spec``'s model for one test, outside the pool; the test's services use it."""
+        self.refuse_unmarked(request.node, self.policy_of(request), spec.copy_fixture)
+        settings = self.settings
+        try:
+            loaded = self.report.timed_load(
+                self.key(spec, private=True), lambda: spec.load_real(None, settings.device, settings.dtype)
+            )
+        except self.project.unavailable as exc:
+            pytest.skip(f"{spec.copy_fixture}: {exc}")
+        monkeypatch.setattr(spec.service, spec.seam, lambda service: loaded)
+        return loaded
 
-def private_copy(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, kind: ModelKind, policy: str
-) -> LoadedModel:
-    """A fresh load of ``kind``'s model for one test, outside the pool; the services of the test use it."""
-    config = request.config
-    policy = Policy.parse(policy, "ml_model_policy")
-    config.stash[load_report_key].current_policy = policy
-    _refuse_unmarked(config, request.node, policy, kind.copy_fixture)
-    settings = config.stash[settings_key]
-    key = dataclasses.replace(model_key(config, kind), model=f"{kind.model_name} (private copy)")
-    try:
-        loaded = config.stash[load_report_key].timed_load(key, lambda: kind.load_real(None, settings.device, settings.dtype))
-    except ModelUnavailableError as exc:
-        pytest.skip(f"{kind.copy_fixture}: {exc}")
-    monkeypatch.setattr(kind.service, "_load_model", lambda self: loaded)
-    return loaded
+    def route(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Point each service's loading seam at fakes, or at the pool for tests on real models."""
+        item, policy = request.node, self.policy_of(request)
+        used = [spec for spec in self.project.models if spec.cached_fixture in request.fixturenames]
+        for spec in used:
+            self.refuse_unmarked(item, policy, spec.cached_fixture)
+            loaded = request.getfixturevalue(spec.cached_fixture)
+            if isinstance(loaded, UnavailableModel):
+                pytest.skip(loaded.reason)
+        cassette = self.cassettes.path_for(item.path, self.config.rootpath)
+        if item.get_closest_marker(MARKER) is not None or used:
+            for spec in self.project.models:
+                monkeypatch.setattr(spec.service, spec.seam, lambda service, s=spec: self.pooled(s, s.path_of(service)))
+                record = self.cassettes.recording(cassette, spec)
+                if record is not None:
+                    _record_model_calls(monkeypatch, spec, record)
+            return
+        for spec in self.project.models:
+            replay = Replay(
+                self.cassettes.replay_index(spec), self.settings.replay, spec.model_name, item.nodeid, cassette
+            )
+            monkeypatch.setattr(spec.service, spec.seam, lambda service, s=spec, r=replay: s.make_fake(r))
+        if policy is Policy.UNIT:
+            self.blocker.guard_test(request, monkeypatch, BlockedTest.of(item, policy))
+            request.getfixturevalue("socket_disabled")
 
+    # ------------------------------------------------------------ collection
 
-def route_model_loads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, policy: str) -> None:
-    """Point each service's loading seam at fakes, or at the pool for tests on real models."""
-    policy = Policy.parse(policy, "ml_model_policy")
-    item, config = request.node, request.config
-    config.stash[load_report_key].current_policy = policy
-    used = [kind for kind in KINDS if kind.fixture in request.fixturenames]
-    for kind in used:
-        _refuse_unmarked(config, item, policy, kind.fixture)
-        loaded = request.getfixturevalue(kind.fixture)
-        if isinstance(loaded, UnavailableModel):
-            pytest.skip(loaded.reason)
-    cassettes, settings = config.stash[cassettes_key], config.stash[settings_key]
-    cassette = cassettes.path_for(item.path, config.rootpath)
-    if _marked(item) or used:
-        for kind in KINDS:
-            monkeypatch.setattr(kind.service, "_load_model", lambda self, k=kind: pool_model(config, k, k.service_path(self)))
-            record = cassettes.recording(cassette, kind.source)
-            if record is not None:
-                _record_model_calls(monkeypatch, kind, record)
-        return
-    for kind in KINDS:
-        replay = Replay(cassettes.replay_index(kind.source), settings.replay, kind.model_name, item.nodeid, cassette)
-        monkeypatch.setattr(kind.service, "_load_model", lambda self, k=kind, r=replay: k.make_fake(r))
-    if policy is Policy.UNIT:
-        config.stash[blocker_key].guard_test(request, monkeypatch, BlockedTest.of(item, policy))
-        request.getfixturevalue("socket_disabled")
+    @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        """Group tests by the cached model they use, so that ``--dist loadgroup`` loads it once."""
+        for item in items:
+            for spec in self.project.models:
+                if spec.cached_fixture in getattr(item, "fixturenames", ()) and not item.get_closest_marker("xdist_group"):
+                    item.add_marker(pytest.mark.xdist_group(spec.name))
 
-
-def _record_model_calls(monkeypatch: pytest.MonkeyPatch, kind: ModelKind, record) -> None:
-    """Wrap the service's model call so that each text and its raw output land in the cassette."""
-    call = getattr(kind.service, kind.model_call)
-
-    def recording(self, texts):
-        rows = call(self, texts)
-        if kind.service_path(self) is None:  # only the default model has a cassette entry
-            for text, row in zip(texts, rows):
-                record(text, kind.recordable(self, row))
-        return rows
-
-    monkeypatch.setattr(kind.service, kind.model_call, recording)
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Group tests by the cached model they use, so that ``--dist loadgroup`` loads it once."""
-    for item in items:
-        for kind in KINDS:
-            if kind.fixture in getattr(item, "fixturenames", ()) and not item.get_closest_marker("xdist_group"):
-                item.add_marker(pytest.mark.xdist_group(kind.name))
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
-    report = item.config.stash[load_report_key]
-    report.current_test = item.nodeid
-    item.config.stash[current_item_key] = item
-    try:
-        return (yield)
-    finally:
-        report.current_test = report.current_policy = None
-        item.config.stash[current_item_key] = None
-
-
-def modification_message(key: ModelKey, changes: list[str]) -> str:
-    kind = next(k for k in KINDS if key.model.split(" @ ")[0] == k.model_name)
-    return "\n".join(
-        [
-            f"modified the shared model {key}:",
-            *(f"  - {change}" for change in changes),
-            "Every test of this run shares that loaded model (the pool), so the change would reach the tests after this one.",
-            f"Change a private copy instead: request {kind.copy_fixture} ({COPY_COST}), "
-            "or undo the change before the test ends (e.g. model.eval() after model.train()).",
-            "The pool has reloaded the model in place: the next test gets a clean one.",
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """Every declared model's fixtures exist: a missing one is named with the line that defines it."""
+        defined = session._fixturemanager._arg2fixturedefs
+        factories = {"cached": "cached_model_fixture", "copy": "model_copy_fixture", "mock": "mock_service_fixture"}
+        missing = [
+            f"{name} = {factory}(<the ModelSpec named {spec.name!r}>)"
+            for spec in self.project.models
+            for name, factory in zip(spec.fixtures, factories.values())
+            if name not in defined
         ]
-    )
+        if missing:
+            raise pytest.UsageError(
+                "declared models without their fixtures; add to the root conftest (with "
+                "`from ml_fixtures.fixtures import cached_model_fixture, model_copy_fixture, mock_service_fixture`):\n"
+                + "\n".join(f"    {line}" for line in missing)
+            )
 
+    # ------------------------------------------------------------ each test
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """After a test's call and teardown: fail it if it changed a pooled model, and restore the model."""
-    report = yield
-    if call.when in ("call", "teardown"):
-        pool = item.config.stash[pool_key]
-        for key, changes in pool.modified():
-            message = modification_message(key, changes)
-            pool.refresh(key)
-            if report.failed:
-                report.sections.append(("modified the shared model", message))
-            else:
-                report.outcome, report.longrepr = "failed", message
-    return report
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None):
+        self.report.current_test, self.item = item.nodeid, item
+        try:
+            return (yield)
+        finally:
+            self.report.current_test = self.report.current_policy = self.item = None
 
+    def modification_message(self, key: ModelKey, changes: list[str]) -> str:
+        spec = self.project.spec_for(key.model)
+        loads = [record.seconds for record in self.report.records if record.model == str(key)]
+        cost = f"this model's last load here took {loads[-1]:.2f} s" if loads else "a fresh load from disk"
+        return "\n".join(
+            [
+                f"modified the shared model {key}:",
+                *(f"  - {change}" for change in changes),
+                "Every test of this run shares that loaded model (the pool), so the change would reach the tests after this one.",
+                f"Change a private copy instead: request {spec.copy_fixture} ({cost}), "
+                "or undo the change before the test ends (e.g. model.eval() after model.train()).",
+                "The pool has reloaded the model in place: the next test gets a clean one.",
+            ]
+        )
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
-    try:
-        return (yield)
-    finally:
-        scope = item.config.stash[settings_key].scope
-        module_ends = nextitem is None or getattr(nextitem, "module", None) is not getattr(item, "module", None)
-        if scope is ModelScope.FUNCTION or (scope is ModelScope.MODULE and module_ends):
-            item.config.stash[pool_key].clear()
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+        """After a test's call and teardown: fail it if it changed a pooled model, and restore the model."""
+        report = yield
+        if call.when in ("call", "teardown"):
+            for key, changes in self.pool.modified():
+                message = self.modification_message(key, changes)
+                self.pool.refresh(key)
+                if report.failed:
+                    report.sections.append(("modified the shared model", message))
+                else:
+                    report.outcome, report.longrepr = "failed", message
+        return report
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None):
+        try:
+            return (yield)
+        finally:
+            scope = self.settings.scope
+            module_ends = nextitem is None or getattr(nextitem, "module", None) is not getattr(item, "module", None)
+            if scope is ModelScope.FUNCTION or (scope is ModelScope.MODULE and module_ends):
+                self.pool.clear()
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    config = session.config
-    report = config.stash[load_report_key]
-    config.stash[pool_key].clear()
-    cassettes = config.stash[cassettes_key]
-    report.cassettes_written = [str(p) for p in cassettes.save()]
-    report.stale_cassettes = cassettes.stale([kind.source for kind in KINDS])
-    report.finish()
-    if hasattr(config, "workeroutput"):
-        config.workeroutput["ml_model_report"] = report.to_dict()
-    elif config.stash[settings_key].report_path:
-        report.write_json(config.stash[settings_key].report_path)
+    # ------------------------------------------------------------ the end
 
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        report = self.report
+        self.pool.clear()
+        report.cassettes_written = [str(p) for p in self.cassettes.save()]
+        report.stale_cassettes = self.cassettes.stale(self.project.models)
+        report.finish()
+        if hasattr(self.config, "workeroutput"):
+            self.config.workeroutput["ml_model_report"] = report.to_dict()
+        elif self.settings.report_path:
+            report.write_json(self.settings.report_path)
 
-def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
-    terminalreporter.section("ML model loads")
-    for line in config.stash[load_report_key].summary_lines():
-        terminalreporter.write_line(line)
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        terminalreporter.section("ML model loads")
+        for line in self.report.summary_lines():
+            terminalreporter.write_line(line)
 
-
-class _XdistReport:
-    """Collects the workers' load reports on the controller."""
-
-    def __init__(self, report: LoadReport):
-        self.report = report
-
+    @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node, error) -> None:
+        """On the xdist controller: merge each worker's load report."""
         data = getattr(node, "workeroutput", {}).get("ml_model_report")
         if data:
             self.report.merge(data)
+
+
+def _record_model_calls(monkeypatch: pytest.MonkeyPatch, spec: ModelSpec, record) -> None:
+    """Wrap the service's model call so that each input and its raw output land in the cassette."""
+    call = getattr(spec.service, spec.call.method)
+
+    @functools.wraps(call)
+    def recording(service, *args, **kwargs):
+        output = call(service, *args, **kwargs)
+        if spec.path_of(service) is None:  # only the default model has a cassette entry
+            inputs, outputs = list(spec.call.inputs(*args, **kwargs)), list(spec.call.outputs(service, output))
+            if len(inputs) != len(outputs):
+                raise DeclarationError(
+                    f"ModelSpec {spec.name!r}: for one call of {spec.service.__name__}.{spec.call.method}, "
+                    f"ModelCall.inputs gave {len(inputs)} inputs and ModelCall.outputs {len(outputs)} outputs; "
+                    "they must pair up one to one"
+                )
+            for call_input, call_output in zip(inputs, outputs):
+                record(call_input, call_output)
+        return output
+
+    monkeypatch.setattr(spec.service, spec.call.method, recording)

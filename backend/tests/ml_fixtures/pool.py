@@ -20,19 +20,33 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from app.ml import LoadedModel, ModelUnavailableError
-from app.ml.loading import model_nbytes
-from ml_fixtures.mutation import ModelSnapshot, restore_in_place
+from ml_fixtures.declaration import LoadedModel
+from ml_fixtures.mutation import ModelSnapshot, restore_in_place, torch_modules
+
+
+def model_nbytes(model: object) -> int:
+    """Bytes held by the parameters and buffers of a model's torch modules (0 for anything else)."""
+    tensors = {
+        id(t): t for _, module in torch_modules(model) for t in [*module.parameters(), *module.buffers()]
+    }
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 @dataclass(frozen=True)
 class ModelKey:
+    """A pool entry: which model, from which explicit location (None: the default one), on which device and dtype."""
+
     model: str
     device: str = "auto"
     dtype: str = "default"
+    path: str | None = None
+    #: A private copy (``*_model_copy``): a fresh load outside the pool, reported under its own key.
+    private: bool = False
 
     def __str__(self) -> str:
-        return f"{self.model} [{self.device}, {self.dtype}]"
+        where = f" @ {self.path}" if self.path is not None else ""
+        copy = " (private copy)" if self.private else ""
+        return f"{self.model}{where}{copy} [{self.device}, {self.dtype}]"
 
 
 @dataclass
@@ -52,14 +66,17 @@ class ModelPool:
         on_load: Callable | None = None,
         on_evict: Callable[[ModelKey], None] | None = None,
         size_of: Callable[[object], int] = model_nbytes,
+        unavailable: tuple[type[BaseException], ...] = (),
     ):
         self.memory_budget = memory_budget
+        #: Errors that mean the model cannot be had: remembered, so it is not looked for again.
+        self._unavailable = unavailable
         self._on_evict = on_evict or (lambda key: None)
         self._size_of = size_of
         #: ``on_load(key, load) -> LoadedModel``: wraps every real load (the load report times it).
         self._on_load = on_load or (lambda key, load: load())
         self._entries: OrderedDict[ModelKey, _Entry] = OrderedDict()
-        self._failures: dict[ModelKey, ModelUnavailableError] = {}
+        self._failures: dict[ModelKey, BaseException] = {}
         self._known_sizes: dict[ModelKey, int] = {}
         self._lock = threading.RLock()
 
@@ -75,7 +92,7 @@ class ModelPool:
             self._make_room(self._known_sizes.get(key, 0))
             try:
                 loaded = self._on_load(key, load)
-            except ModelUnavailableError as exc:
+            except self._unavailable as exc:
                 self._failures[key] = exc
                 raise
             nbytes = self._size_of(loaded.model)
@@ -96,7 +113,7 @@ class ModelPool:
             entry = self._entries[key]
             try:
                 fresh = self._on_load(key, entry.load)
-            except ModelUnavailableError:  # cannot be cleaned: drop it, the next acquire loads anew
+            except self._unavailable:  # cannot be cleaned: drop it, the next acquire loads anew
                 del self._entries[key]
                 raise
             restore_in_place(entry.loaded.model, fresh.model)

@@ -1,4 +1,4 @@
-"""Throwaway test trees laid out like backend/tests, with the repository's real conftests.
+"""Throwaway test trees laid out like the project's tests, with the project's real conftests.
 
 The library's self-tests and the benchmark both run generated suites on the real machinery.
 """
@@ -8,27 +8,24 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parents[1]
-BACKEND = TESTS.parent
-REPO = BACKEND.parent
-TREES = ("unit", "services", "integration")
+from ml_fixtures.declaration import Project
 
 
-def python_path(*extra: Path) -> list[str]:
-    """What a child pytest needs on PYTHONPATH to import ``app`` and ``ml_fixtures``."""
-    return [str(BACKEND), str(TESTS), *map(str, extra)]
+def python_path(project: Project, *extra: Path) -> list[str]:
+    """What a child pytest needs on PYTHONPATH to import the application and the tests' modules."""
+    return [*map(str, project.python_path), *map(str, extra)]
 
 
-def lay_out(root: Path) -> None:
+def lay_out(root: Path, project: Project) -> None:
     """Write ``pytest.ini`` and copy the root and per-tree conftests (the plugin registers the markers).
 
-    The ini's ``pythonpath`` finds ``app`` and ``ml_fixtures`` in any process that runs the tree:
-    this one, a child pytest, an xdist worker.
+    The ini's ``pythonpath`` makes the application, the project file and ``ml_fixtures``
+    importable in any process that runs the tree: this one, a child pytest, an xdist worker.
     """
     (root / "pytest.ini").write_text(
-        f"[pytest]\npythonpath = {' '.join(python_path())}\naddopts = --strict-markers -p no:cacheprovider\n"
+        f"[pytest]\npythonpath = {' '.join(python_path(project))}\naddopts = --strict-markers -p no:cacheprovider\n"
     )
-    shutil.copy(TESTS / "conftest.py", root / "conftest.py")
-    for tree in TREES:
+    shutil.copy(project.tests_dir / "conftest.py", root / "conftest.py")
+    for tree in project.trees:
         (root / tree).mkdir(parents=True, exist_ok=True)
-        shutil.copy(TESTS / tree / "conftest.py", root / tree / "conftest.py")
+        shutil.copy(project.tests_dir / tree / "conftest.py", root / tree / "conftest.py")

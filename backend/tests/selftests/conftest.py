@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from ml_fixtures import scaffold
+from ml_models import PROJECT
 
-TESTS, REPO = scaffold.TESTS, scaffold.REPO
+TESTS = PROJECT.tests_dir
+REPO = TESTS.parents[1]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -50,7 +52,7 @@ class MLTree:
         self.pytester, self.monkeypatch = pytester, monkeypatch
         self.root = pytester.path
         self.report = self.root / "ml-report.json"
-        scaffold.lay_out(self.root)
+        scaffold.lay_out(self.root, PROJECT)
 
     def write(self, relpath: str, source: str) -> Path:
         path = self.root / relpath

@@ -14,7 +14,7 @@ import pytest
 
 from app.services.ml_classification_service import MLClassificationService
 from app.services.sparse_embedding_service import SparseEmbeddingService
-from ml_fixtures.scaffold import REPO
+from selftests.conftest import REPO
 
 #: The services' own loading seams, taken at collection, before any fixture routes them: the
 #: suite "with no fixture library" must load through them, not through this session's routing.

@@ -64,12 +64,12 @@ def test_the_cached_fixture_yields_none_with_the_reason_kept(ml_tree):
         "integration/test_value.py",
         """
         import pytest
-        from ml_fixtures.plugin import UnavailableModel, cached_model
-        from ml_fixtures.catalog import CLASSIFIER
+        from ml_fixtures.plugin import UnavailableModel, ml_models
+        from ml_models import CLASSIFIER
 
         @pytest.mark.use_real_models
-        def test_value(request, ml_model_policy):
-            value = cached_model(request, CLASSIFIER, ml_model_policy)
+        def test_value(request):
+            value = ml_models(request.config).cached(request, CLASSIFIER)
             assert isinstance(value, UnavailableModel)
             assert tuple(value) == (None, None, None)
             assert "/missing/clf" in value.reason

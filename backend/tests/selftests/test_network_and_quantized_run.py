@@ -1,6 +1,6 @@
 """Network off in the unit trees (pytest-socket, HF_HUB_OFFLINE), and the integration tree under int8."""
 
-from ml_fixtures import scaffold
+from selftests.conftest import REPO, TESTS
 
 NETWORK = """
     import os
@@ -34,8 +34,8 @@ def test_unit_trees_have_no_network_and_integration_keeps_it(ml_tree):
 def test_the_integration_tree_passes_on_int8_models(pytester):
     report = pytester.path / "int8.json"
     result = pytester.runpytest_inprocess(
-        "-c", str(scaffold.REPO / "pytest.ini"), "--rootdir", str(scaffold.REPO), "-p", "no:cacheprovider",
-        str(scaffold.TESTS / "integration"), "--ml-quantize=int8", f"--ml-model-report={report}",
+        "-c", str(REPO / "pytest.ini"), "--rootdir", str(REPO), "-p", "no:cacheprovider",
+        str(TESTS / "integration"), "--ml-quantize=int8", f"--ml-model-report={report}",
     )
     outcomes = result.parseoutcomes()
     assert result.ret == 0 and outcomes["passed"] >= 30, result.stdout.str()[-3000:]

@@ -185,11 +185,11 @@ BLOCKER = """
 
     @pytest.fixture
     def real_classifier(ml_model_blocker):
-        assert ml_model_blocker.is_active
+        assert ml_model_blocker.is_blocked
         with ml_model_blocker.unblock():
-            assert not ml_model_blocker.is_active
+            assert not ml_model_blocker.is_blocked
             loaded = loading.load_classification_model()
-        assert ml_model_blocker.is_active
+        assert ml_model_blocker.is_blocked
         return loaded
 
     def test_a_fixture_may_load_inside_unblock(real_classifier):

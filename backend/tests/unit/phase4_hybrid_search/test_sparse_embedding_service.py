@@ -6,7 +6,7 @@ from sqlalchemy import select
 from app.models import Resource, ResourceSparseEmbedding
 from app.services.common import ResourceNotFoundError
 from app.services.sparse_embedding_service import SparseEmbeddingService
-from ml_fixtures.fakes import FakeBGEM3Model
+from fake_models import FakeBGEM3Model
 
 
 @pytest.fixture
