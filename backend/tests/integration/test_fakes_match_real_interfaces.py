@@ -4,7 +4,7 @@ import inspect
 
 import pytest
 
-from fake_models import FakeBGEM3Model
+from fake_models import FakeBGEM3Model, FakeReranker
 from ml_fixtures.fakes import FakeTokenizer
 
 pytestmark = pytest.mark.use_real_models
@@ -30,3 +30,18 @@ def test_fake_tokenizer_methods_exist_on_the_real_tokenizer(sparse_embedding_mod
 
 def test_fake_and_real_tokenizers_agree_on_special_tokens(sparse_embedding_model_cached):
     assert set(FakeTokenizer.all_special_tokens) == set(sparse_embedding_model_cached.tokenizer.all_special_tokens)
+
+
+def test_fake_reranker_compute_score_takes_parameters_the_real_one_takes():
+    from FlagEmbedding import FlagReranker
+
+    assert set(_parameters(FakeReranker.compute_score)) <= set(_parameters(FlagReranker.compute_score_single_gpu))
+
+
+def test_fake_tokenizer_takes_pairs_as_the_real_one_does(rerank_model_cached):
+    real, fake = rerank_model_cached.tokenizer, FakeTokenizer()
+    for tokenizer in (real, fake):
+        single = tokenizer("what is a glacier", "A glacier is a river of ice")
+        batch = tokenizer([("what is a glacier", "A glacier is a river of ice")])
+        assert batch["input_ids"][0] == single["input_ids"]
+        assert set(single["token_type_ids"]) == {0, 1}

@@ -1,10 +1,12 @@
-"""Machinery behind the ML fixtures in ``backend/tests/conftest.py``.
+"""An ML fixture library for pytest: real models shared safely, fakes elsewhere, nothing of the app imported.
 
-One concern a module: ``options`` (command-line options), ``catalog`` (the models and
-their services), ``pool`` (the shared model pool), ``mutation`` (noticing a test that changed
-a pooled model), ``load_report`` (the load report), ``fakes`` (fake models), ``guard`` (the
-blocker of real loads in unit trees), ``cassettes`` (recorded model responses), ``scaffold``
-(throwaway trees for self-tests and the benchmark), ``plugin`` (the pytest hooks that wire them
-together). Nothing here imports torch, transformers or FlagEmbedding; the real loaders do, when a
-test needs a real model.
+A project declares its models once (``declaration.py``: ``ModelSpec``, ``ModelCall``, ``Project``)
+and returns its ``Project`` from the ``pytest_ml_project`` hook in its root conftest, which assigns
+each model's fixtures (``fixtures.py``). One concern a module: ``options`` (command-line options),
+``pool`` (the shared model pool), ``mutation`` (noticing a test that changed a pooled model),
+``load_report`` (the load report), ``fakes`` (a fake tokenizer for the project's fake models),
+``guard`` (the blocker of real loads in unit trees), ``cassettes`` (recorded model responses),
+``database`` (``test_db``), ``warm`` (``--ml-warm``), ``scaffold`` (throwaway trees for self-tests
+and benchmarks), ``plugin`` (the hooks and the run's state). Nothing here imports torch,
+transformers or FlagEmbedding; the project's loaders do, when a test needs a real model.
 """

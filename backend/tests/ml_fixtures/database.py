@@ -87,7 +87,7 @@ def _database_of_its_own(url: str) -> Iterator[str]:
 
     parsed = make_url(url).set(drivername="postgresql+psycopg")
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    name = "_".join(filter(None, ["test", parsed.database or "backend", worker]))
+    name = "_".join(filter(None, ["test", parsed.database or "main", worker]))
     janitor = DatabaseJanitor(
         user=parsed.username or "postgres",
         host=parsed.host or "127.0.0.1",
@@ -128,7 +128,7 @@ class ThrowawayPostgres(contextlib.AbstractContextManager):
     user = "postgres"
 
     def __init__(self) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="backend-test-postgres-"))
+        self.base = Path(tempfile.mkdtemp(prefix="ml-fixtures-postgres-"))
         self.data, self.port = self.base / "data", _free_port()
         self.as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         if self.as_postgres:
@@ -149,7 +149,7 @@ class ThrowawayPostgres(contextlib.AbstractContextManager):
         except BaseException:
             shutil.rmtree(self.base, ignore_errors=True)
             raise
-        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/backend"
+        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/main"
 
     def __exit__(self, *exc_info) -> None:
         try:
