@@ -1,9 +1,11 @@
-"""How well the embedded BGE-M3's term weights follow the term-importance table, on texts not used
-for fitting (the shipped dataset's held-back texts). ``python benchmarks/fidelity.py``; prints JSON.
+"""How well the embedded models do on texts they were not fitted on (the shipped dataset's held-back
+texts). ``python benchmarks/fidelity.py``; prints JSON.
 
-Reported: Spearman rank correlation between each token's weight and its target, the share of
-function-word tokens with weight 0, the share of content-word tokens with a weight above 0, and
-the median ratio of a text's mean function-word weight to its mean content-word weight.
+BGE-M3: Spearman rank correlation between each token's weight and its target in the term-importance
+table, the share of function-word tokens with weight 0, the share of content-word tokens with a
+weight above 0, and the median ratio of a text's mean function-word weight to its mean
+content-word weight. Reranker: the share of held-back queries whose relevant text it ranks first
+among one text of each category (``app.ml.embedded.ranking_cases``).
 """
 
 from __future__ import annotations
@@ -76,7 +78,20 @@ def measure(texts: list[str]) -> dict:
     }
 
 
+def reranker_first() -> dict:
+    from app.ml import loading
+    from app.ml.embedded import ranking_cases
+
+    reranker = loading.load_rerank_model(device="cpu").model
+    cases = ranking_cases()
+    first = 0
+    for query, candidates, relevant in cases:
+        scores = reranker.compute_score([[query, candidate] for candidate in candidates])
+        first += max(range(len(candidates)), key=scores.__getitem__) == relevant
+    return {"queries": len(cases), "candidates_each": len(cases[0][1]), "relevant_ranked_first": round(first / len(cases), 3)}
+
+
 if __name__ == "__main__":
     from app.ml.embedded import dataset_examples
 
-    print(json.dumps(measure([text for text, _ in dataset_examples("test")])))
+    print(json.dumps({**measure([text for text, _ in dataset_examples("test")]), "reranker": reranker_first()}))
