@@ -15,6 +15,12 @@ def model_output_tolerance(pytestconfig) -> float:
     return 1e-1 if pytestconfig.getoption("ml_quantize") == "int8" else 1e-4
 
 
+@pytest.fixture(scope="session")
+def rerank_score_tolerance(pytestconfig) -> float:
+    """The same for the reranker's logits (spread over about -6..6): int8 moves them by up to about 0.2."""
+    return 0.5 if pytestconfig.getoption("ml_quantize") == "int8" else 1e-4
+
+
 @pytest.fixture
 def trained_sparse_model(sparse_embedding_model_cached):
     """Skips the test where the BGE-M3 in use has untrained weights (the seed-scale model)."""

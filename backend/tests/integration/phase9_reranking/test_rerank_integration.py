@@ -33,11 +33,11 @@ def test_held_back_queries_rank_their_relevant_text_first(service):
     assert first / len(cases) >= 0.8, f"{first}/{len(cases)} ranked first"
 
 
-def test_batch_equals_single_calls(service, model_output_tolerance):
+def test_batch_equals_single_calls(service, rerank_score_tolerance):
     texts = ["Interest rates rose again", "The striker scored twice", "Bake the bread for forty minutes"]
     batched = dict(service.rerank("central bank policy", texts))
     single = {i: service.rerank("central bank policy", [text])[0][1] for i, text in enumerate(texts)}
-    assert batched == pytest.approx(single, abs=model_output_tolerance)
+    assert batched == pytest.approx(single, abs=rerank_score_tolerance)
 
 
 def test_long_and_unicode_texts_work(service):
