@@ -69,6 +69,7 @@ SPARSE = ModelSpec(
     call=ModelCall("_lexical_weights"),  # texts in, token -> weight out
     locate=on_disk(resolver.SPARSE_EMBEDDING),
     mock=_mock_sparse,
+    preload=("FlagEmbedding", "transformers.models.bert.modeling_bert", "transformers.models.xlm_roberta.modeling_xlm_roberta"),
 )
 CLASSIFIER = ModelSpec(
     name="ml_classification",
@@ -80,6 +81,7 @@ CLASSIFIER = ModelSpec(
     call=ModelCall("_logits", outputs=lambda service, rows: [dict(zip(service.labels, row)) for row in rows]),
     locate=on_disk(resolver.CLASSIFICATION),
     mock=_mock_classifier,
+    preload=("transformers.models.bert.modeling_bert",),
 )
 RERANK = ModelSpec(
     name="rerank",
@@ -91,6 +93,7 @@ RERANK = ModelSpec(
     call=ModelCall("_scores", inputs=lambda query, texts: [(query, text) for text in texts]),
     locate=on_disk(resolver.RERANK),
     mock=_mock_reranker,
+    preload=("FlagEmbedding", "transformers.models.xlm_roberta.modeling_xlm_roberta"),
 )
 
 PROJECT = Project(
@@ -100,20 +103,7 @@ PROJECT = Project(
     cache_dir_variable="ML_MODEL_CACHE_DIR",
     unavailable=(ModelUnavailableError,),
     build_loggers=("app.ml",),
-    warm_preload=(
-        "torch",
-        "transformers",
-        "transformers.models.bert.modeling_bert",
-        "transformers.models.xlm_roberta.modeling_xlm_roberta",
-        "FlagEmbedding",
-        "sqlalchemy",
-        "sqlalchemy.orm",
-        "psutil",
-        "filelock",
-        "huggingface_hub",
-        "safetensors",
-        "psycopg",
-    ),
+    warm_preload=("torch", "transformers", "sqlalchemy", "sqlalchemy.orm", "psutil", "filelock", "huggingface_hub", "safetensors", "psycopg"),
     database_metadata=Base.metadata,
     trees=("unit", "services", "integration"),
     python_path=(TESTS.parent, TESTS),

@@ -110,6 +110,8 @@ class ModelSpec:
     #: The service attribute holding an explicit model location (None: the default model); a
     #: service with another location gets a pool entry of its own and records no cassette.
     path_attribute: str | None = "model_path"
+    #: Modules the loader imports (e.g. "FlagEmbedding"): the ``--ml-warm`` server imports them ahead of runs.
+    preload: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"ModelSpec {self.name!r}"
@@ -182,7 +184,7 @@ class Project:
     unavailable: tuple[type[BaseException], ...] = ()
     #: Loggers whose INFO lines (model builds) are shown in the terminal, capture or not.
     build_loggers: tuple[str, ...] = ()
-    #: Modules the warm server imports ahead of every warm run (``--ml-warm``).
+    #: Modules the warm server imports ahead of every warm run (``--ml-warm``), besides the models' own.
     warm_preload: tuple[str, ...] = ()
     #: The SQLAlchemy ``MetaData`` that ``test_db`` creates (None: an empty database).
     database_metadata: Any = None
@@ -201,6 +203,11 @@ class Project:
         if duplicated:
             raise DeclarationError(f"Project: model names declared twice: {', '.join(duplicated)}")
         object.__setattr__(self, "_by_name", {spec.model_name: spec for spec in self.models})
+
+    @property
+    def preload(self) -> tuple[str, ...]:
+        """What the ``--ml-warm`` server imports: the project's list, then each model's, each module once."""
+        return tuple(dict.fromkeys([*self.warm_preload, *(module for spec in self.models for module in spec.preload)]))
 
     @property
     def cassettes(self) -> Path:

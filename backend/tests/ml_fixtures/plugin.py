@@ -51,7 +51,7 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     if config.getoption("ml_warm"):
         with pytest.MonkeyPatch.context() as environment:
             if "ML_WARM_PRELOAD" not in os.environ:  # a server started now imports what the project uses
-                environment.setenv("ML_WARM_PRELOAD", ",".join(project_of(config).warm_preload))
+                environment.setenv("ML_WARM_PRELOAD", ",".join(project_of(config).preload))
             return warm.run([str(arg) for arg in config.invocation_params.args if arg != "--ml-warm"])
     return None
 
