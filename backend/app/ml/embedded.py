@@ -187,25 +187,30 @@ def embedded_classifier_dir(cache_dir: Path | None = None, build: bool = True) -
     """A classifier fine-tuned from the packaged MiniLM on the shipped dataset's train split."""
     from app.ml.training import fine_tune
 
+    return _fine_tuned(
+        "taxonomy-classifier-embedded", CLASSIFIER_RECIPE, fine_tune, lambda: dataset_examples("train"),
+        cache_dir, build, what="the embedded classifier", expected="40 s",
+    )
+
+
+def _fine_tuned(name, recipe, tune, examples, cache_dir, build, what, expected) -> Path:
+    """A model that ``tune`` fine-tunes from the packaged MiniLM on ``examples()``, built once per recipe and dataset."""
     dataset_hash = hashlib.sha256(DATASET_PATH.read_bytes()).hexdigest()
-    recipe = {**CLASSIFIER_RECIPE, "seed_model": _seed_fingerprint(), "dataset_sha256": dataset_hash}
+    keyed = {**recipe, "seed_model": _seed_fingerprint(), "dataset_sha256": dataset_hash}
 
     def train(dest: Path) -> None:
-        fine_tune(
+        tune(
             packaged_minilm_dir(),
-            dataset_examples("train"),
+            examples(),
             dest,
-            epochs=CLASSIFIER_RECIPE["epochs"],
-            learning_rate=CLASSIFIER_RECIPE["learning_rate"],
-            batch_size=CLASSIFIER_RECIPE["batch_size"],
+            epochs=recipe["epochs"],
+            learning_rate=recipe["learning_rate"],
+            batch_size=recipe["batch_size"],
             seed=SEED,
             base_name=config.CLASSIFICATION_BASE_MODEL_NAME,
         )
 
-    return build_once(
-        "taxonomy-classifier-embedded", recipe, train, cache_dir, allow_build=build,
-        what="the embedded classifier", expected="40 s",
-    )
+    return build_once(name, keyed, train, cache_dir, allow_build=build, what=what, expected=expected)
 
 
 def relevance_pairs(split: str = "train", negatives: int = 2, seed: int = SEED) -> list[tuple[str, str, bool]]:
@@ -245,22 +250,8 @@ def embedded_reranker_dir(cache_dir: Path | None = None, build: bool = True) -> 
     """A cross-encoder reranker fine-tuned from the packaged MiniLM on the shipped dataset's training pairs."""
     from app.ml.training import fine_tune_cross_encoder
 
-    dataset_hash = hashlib.sha256(DATASET_PATH.read_bytes()).hexdigest()
-    recipe = {**RERANKER_RECIPE, "seed_model": _seed_fingerprint(), "dataset_sha256": dataset_hash}
-
-    def train(dest: Path) -> None:
-        fine_tune_cross_encoder(
-            packaged_minilm_dir(),
-            relevance_pairs("train", RERANKER_RECIPE["negatives"]),
-            dest,
-            epochs=RERANKER_RECIPE["epochs"],
-            learning_rate=RERANKER_RECIPE["learning_rate"],
-            batch_size=RERANKER_RECIPE["batch_size"],
-            seed=SEED,
-            base_name=config.CLASSIFICATION_BASE_MODEL_NAME,
-        )
-
-    return build_once(
-        "reranker-embedded", recipe, train, cache_dir, allow_build=build,
-        what="the embedded reranker", expected="30 s",
+    return _fine_tuned(
+        "reranker-embedded", RERANKER_RECIPE, fine_tune_cross_encoder,
+        lambda: relevance_pairs("train", RERANKER_RECIPE["negatives"]),
+        cache_dir, build, what="the embedded reranker", expected="30 s",
     )
