@@ -18,6 +18,8 @@ from ml_fixtures.guard import MARKER, BlockedTest, ModelBlocker
 from ml_fixtures.load_report import LoadReport
 from ml_fixtures.options import ModelScope, Policy, Settings
 from ml_fixtures.options import pytest_addoption as pytest_addoption  # noqa: F401 (a hook)
+from ml_fixtures.parallel import ParallelRuns
+from ml_fixtures.parallel import pytest_xdist_auto_num_workers as pytest_xdist_auto_num_workers  # noqa: F401 (a hook)
 from ml_fixtures.pool import ModelKey, ModelPool
 
 settings_key = pytest.StashKey[Settings]()
@@ -73,6 +75,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[current_item_key] = None
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistReport(report), "ml-models-xdist")
+    config.pluginmanager.register(ParallelRuns(config), "ml-models-parallel")
     config.stash[build_lines_key] = _TerminalLines(config)
     logging.getLogger("app.ml.embedded").addHandler(config.stash[build_lines_key])
     logging.getLogger("app.ml.embedded").setLevel(logging.INFO)
