@@ -3,7 +3,8 @@
 One concern a module: ``options`` (command-line options), ``catalog`` (the models and
 their services), ``pool`` (the shared model pool), ``mutation`` (noticing a test that changed
 a pooled model), ``load_report`` (the load report), ``fakes`` (fake models), ``guard`` (the
-blocker of real loads in unit trees), ``cassettes`` (recorded model responses), ``scaffold``
+blocker of real loads in unit trees), ``cassettes`` (recorded model responses), ``parallel``
+(xdist workers' thread budget, a memory-aware ``-n auto``), ``scaffold``
 (throwaway trees for self-tests and the benchmark), ``plugin`` (the pytest hooks that wire them
 together). Nothing here imports torch, transformers or FlagEmbedding; the real loaders do, when a
 test needs a real model.

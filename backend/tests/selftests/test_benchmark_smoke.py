@@ -13,7 +13,6 @@ import json
 import time
 
 import psutil
-
 import pytest
 
 from app.services.ml_classification_service import MLClassificationService
