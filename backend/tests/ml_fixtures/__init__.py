@@ -6,7 +6,7 @@ each model's fixtures (``fixtures.py``). One concern a module: ``options`` (comm
 ``pool`` (the shared model pool), ``mutation`` (noticing a test that changed a pooled model),
 ``load_report`` (the load report), ``fakes`` (a fake tokenizer for the project's fake models),
 ``guard`` (the blocker of real loads in unit trees), ``cassettes`` (recorded model responses),
-``database`` (``test_db``), ``warm`` (``--ml-warm``), ``scaffold`` (throwaway trees for self-tests
+``parallel`` (xdist workers' thread budget, a memory-aware ``-n auto``), ``database`` (``test_db``), ``warm`` (``--ml-warm``), ``scaffold`` (throwaway trees for self-tests
 and benchmarks), ``plugin`` (the hooks and the run's state). Nothing here imports torch,
 transformers or FlagEmbedding; the project's loaders do, when a test needs a real model.
 """

@@ -61,15 +61,15 @@ class Database(Choice):
     POSTGRESQL = "postgresql"
 
 
-def parse_size(text: str) -> int:
-    """``"2GB"`` -> bytes; ``"auto"`` -> half of this machine's memory."""
+def parse_size(text: str, what: str = "--ml-model-memory-budget") -> int:
+    """``"2GB"`` -> bytes; ``"auto"`` -> half of this machine's memory. ``what`` names the option in errors."""
     if text.strip().lower() == "auto":
         import psutil
 
         return psutil.virtual_memory().total // 2
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*", text.upper())
     if not match:
-        raise pytest.UsageError(f"--ml-model-memory-budget: cannot read {text!r}; use e.g. 512MB, 2GB or auto")
+        raise pytest.UsageError(f"{what}: cannot read {text!r}; use e.g. 512MB, 2GB or auto")
     number, unit = match.groups()
     unit = unit if unit.endswith("B") or not unit else unit + "B"
     return int(float(number) * _UNITS[unit])
@@ -94,6 +94,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="SIZE",
         help="memory the model pool may hold, e.g. 2GB; the least recently used model is evicted "
         "when a new one would not fit (default: auto, half of this machine's memory)",
+    )
+    group.addoption(
+        "--ml-max-memory",
+        default=None,
+        metavar="SIZE",
+        help="the memory that all xdist workers of -n auto may use together, e.g. 8GB; -n auto starts no "
+        "more workers than fit in it at the footprint the last run measured (default: the available memory)",
     )
     group.addoption(
         "--ml-model-report",
@@ -175,6 +182,8 @@ class Settings:
 
     scope: ModelScope
     memory_budget: int
+    #: ``--ml-max-memory`` in bytes (``-n auto`` reads it before the settings exist; parsed here to fail early).
+    max_memory: int | None
     report_path: str | None
     device: str | None
     #: None (fp16 on CUDA, fp32 on CPU) or "int8".
@@ -189,6 +198,7 @@ class Settings:
         return cls(
             scope=ModelScope.parse(config.getoption("ml_model_scope"), "--ml-model-scope"),
             memory_budget=parse_size(config.getoption("ml_model_memory_budget")),
+            max_memory=None if config.getoption("ml_max_memory") is None else parse_size(config.getoption("ml_max_memory"), "--ml-max-memory"),
             report_path=config.getoption("ml_model_report"),
             device=None if device == "auto" else device,
             dtype=None if config.getoption("ml_quantize") == "none" else config.getoption("ml_quantize"),

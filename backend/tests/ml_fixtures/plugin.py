@@ -24,6 +24,8 @@ from ml_fixtures.guard import MARKER, BlockedTest, ModelBlocker, loaders_of
 from ml_fixtures.load_report import LoadReport
 from ml_fixtures.options import ModelScope, Policy, Settings
 from ml_fixtures.options import pytest_addoption as pytest_addoption  # noqa: F401 (a hook)
+from ml_fixtures.parallel import ParallelRuns
+from ml_fixtures.parallel import pytest_xdist_auto_num_workers as pytest_xdist_auto_num_workers  # noqa: F401 (a hook)
 from ml_fixtures.pool import ModelKey, ModelPool
 
 ml_models_key = pytest.StashKey["MLModels"]()
@@ -64,6 +66,7 @@ def pytest_configure(config: pytest.Config) -> None:
     plugin = MLModels(config, project_of(config))
     config.stash[ml_models_key] = plugin
     config.pluginmanager.register(plugin, "ml-models")
+    config.pluginmanager.register(ParallelRuns(config), "ml-models-parallel")
 
 
 def ml_models(config: pytest.Config) -> MLModels:

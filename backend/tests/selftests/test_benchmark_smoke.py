@@ -4,12 +4,15 @@ The configurations run in this process (pytester), not in fresh ones as ``make b
 what is checked is that the harness generates the suites, runs every configuration and counts
 its loads. The -n 2 configuration is left out (its worker processes are the point; the xdist
 self-test covers loads under workers), and so is the torch-import column, which only a fresh
-process can tell (the import-light self-test covers it).
+process can tell (the import-light self-test covers it). One fresh process is started, by the
+harness's own runner: the claim there is about what a child process reports. The peers section
+needs the peers installed (``make bench``'s own virtualenv); its parsing and rendering are checked here.
 """
 
 import json
 import time
 
+import psutil
 import pytest
 
 from app.services.ml_classification_service import MLClassificationService
@@ -79,3 +82,70 @@ def test_the_committed_results_render_as_tables_and_a_chart(bench, tmp_path):
         assert f"| {name} |" in table
     png = chart.draw(results, tmp_path / "latest.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_a_run_reports_its_own_peak_memory_not_the_runners(bench, tmp_path):
+    """Linux carries a process's RSS high-water mark across execve into the children it starts:
+    a runner that built a 2.2 GB model made every run report at least that (ru_maxrss)."""
+    run, _, _ = bench
+    (tmp_path / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider\n")
+    (tmp_path / "test_tiny.py").write_text("def test_tiny():\n    pass\n")
+    ballast = b"\x01" * (800 * 2**20)  # written, so resident in this process
+    assert psutil.Process().memory_info().rss > len(ballast)
+    result = run.run_pytest(tmp_path, [], memory=False)
+    del ballast
+    assert result["processes"] == 1 and result["outcome"] == {"passed": 1} and result["exit_code"] == 0
+    assert result["peak_rss_mb"] < 300
+
+
+def test_the_outcome_of_a_run_is_read_from_pytests_summary(bench, pytester):
+    run, _, _ = bench
+    pytester.makepyfile(
+        """
+        import pytest
+
+        def test_passes():
+            pass
+
+        def test_fails():
+            assert False
+
+        @pytest.mark.skip
+        def test_skipped():
+            pass
+        """
+    )
+    stdout = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider").stdout.str()
+    assert run.outcome(stdout) == {"failed": 1, "passed": 1, "skipped": 1}
+    assert run.session_seconds(stdout) >= 0
+
+
+def test_each_run_keeps_the_peers_plugins_out_but_its_own(bench):
+    run, _, _ = bench
+    assert run.peer_blocks(["backend/tests"]) == ["-p", "no:zygote", "-p", "no:parallex", "-p", "no:pytest_fast"]
+    assert run.peer_blocks(["--workers", "2"]) == ["-p", "no:parallex", "-p", "no:pytest_fast"]
+    assert run.peer_blocks(["--parallel=fork"]) == ["-p", "no:zygote", "-p", "no:pytest_fast"]
+    configs = run.peer_configurations(REPO, run.PEERS_TREE)
+    assert all(run.PEERS_TREE in args for _, args, _ in configs.values()) and set(run.RESIDENT) <= set(configs)
+
+
+def test_a_peers_section_renders_as_a_table_and_a_chart(bench, tmp_path):
+    run, _, chart = bench
+
+    def ran(wall, exit_code, **counts):
+        return {"wall_s": wall, "exit_code": exit_code, "outcome": counts, "pss_mb": 600.0, "torch_imported": True}
+
+    section = {
+        "tree": run.PEERS_TREE,
+        "runs": 2,
+        "configurations": {
+            "cold (one process)": run.summarize([ran(16.0, 0, passed=30), ran(18.0, 0, passed=30)]),
+            "pytest-fast --fast": run.summarize([ran(20.0, 0, passed=30), ran(22.0, 1, passed=29, failed=1)]),
+        },
+    }
+    table = run.markdown({"peers": section})
+    assert "| cold (one process) | 17.0 [16.0–18.0] | exit 0: 30 passed | 600 [600–600] | 1.00 |" in table
+    assert "| pytest-fast --fast | 21.0 [20.0–22.0] | exit 0: 30 passed; exit 1: 29 passed, 1 failed |" in table
+    results = {"peers": section, "date": "today", "machine": {"cpu_count": 2}}
+    png = chart.draw(results, tmp_path / "peers.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -45,6 +45,9 @@ CHECK_RELEASE = """
             assert refs.REFS and not alive, "models must be released after their module"
 """
 
+#: The trees' ini turns pytest's cache off; the workers' measured footprint is kept there.
+WITH_CACHE = ("-o", "addopts=--strict-markers")
+
 
 @pytest.fixture
 def suite(ml_tree):
@@ -122,11 +125,35 @@ def test_xdist_workers_give_the_same_results_and_load_each_model_once(ml_tree):
             assert MLClassificationService(test_db).predict("The striker scored a goal").predictions
         """,
     )
-    result = ml_tree.run("-n", "2", "--dist", "loadgroup")
-    result.assert_outcomes(passed=12)
+    # Each worker's thread budget: its share of the CPUs, torch included (imported after it is set;
+    # in the classifier's worker, which imports torch anyway).
+    ml_tree.write(
+        "integration/test_threads.py",
+        """
+        import os
+
+        import pytest
+
+        @pytest.mark.xdist_group("classification")
+        def test_threads():
+            import torch
+
+            expected = max(1, len(os.sched_getaffinity(0)) // 2)
+            assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == str(expected)
+            assert torch.get_num_threads() == expected
+        """,
+    )
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        ml_tree.monkeypatch.delenv(name, raising=False)
+    result = ml_tree.run("-n", "2", "--dist", "loadgroup", *WITH_CACHE)
+    result.assert_outcomes(passed=13)
+    result.stdout.fnmatch_lines(["ml-models: 2 xdist workers × * torch thread* each (OMP_NUM_THREADS=MKL_NUM_THREADS=*; * CPUs)"])
     report = ml_tree.loads()
     assert [(r["model"], r["policy"]) for r in report["records"]] == [
         ("backend/taxonomy-classifier [auto, default]", "integration")
     ]
     assert report["records"][0]["worker"] in {"gw0", "gw1"}
     assert {"gw0", "gw1"} <= set(report["peak_rss_mb_by_worker"])
+    # The workers measured their footprint; the next -n auto of the same paths plans with it.
+    result = ml_tree.run("-n", "auto", "--collect-only", *WITH_CACHE)
+    result.stdout.fnmatch_lines(["ml-models: -n auto → * (limited by *MB each (measured by the last run)*"])

@@ -54,3 +54,15 @@ def test_a_failed_build_leaves_nothing_behind(tmp_path):
 def test_without_building_an_absent_model_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not built yet"):
         build_once("model", {"recipe": 1}, slow_build, tmp_path, allow_build=False)
+
+
+def test_the_ci_cache_key_names_the_directories_the_models_are_built_in(tmp_path):
+    """``python -m app.ml.embedded --fingerprint``: a CI job keys its model cache on it."""
+    from app.ml import embedded
+
+    directories = []
+    for model_dir in (embedded.embedded_bge_m3_dir, embedded.embedded_classifier_dir, embedded.embedded_reranker_dir):
+        with pytest.raises(FileNotFoundError) as absent:  # not built in an empty cache: the error names it
+            model_dir(tmp_path, build=False)
+        directories.append(Path(str(absent.value).split()[0]).name)
+    assert embedded.fingerprint() == "+".join(directories)
