@@ -247,20 +247,19 @@ def modification_message(key: ModelKey, changes: list[str]) -> str:
             "Every test of this run shares that loaded model (the pool), so the change would reach the tests after this one.",
             f"Change a private copy instead: request {kind.copy_fixture} ({COPY_COST}), "
             "or undo the change before the test ends (e.g. model.eval() after model.train()).",
-            "The pool has reloaded the model in place: the next test gets a clean one.",
+            "The pool restores it in place after this test: the next test gets it as loaded.",
         ]
     )
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """After a test's call and teardown: fail it if it changed a pooled model, and restore the model."""
+    """After a test's call and teardown: fail it if it changed a pooled model (restored in teardown)."""
     report = yield
     if call.when in ("call", "teardown"):
-        pool = item.config.stash[pool_key]
-        for key, changes in pool.modified():
+        # After teardown, what pytest_runtest_teardown's check found.
+        for key, changes in item.config.stash[pool_key].modified(item.nodeid, check=call.when == "call"):
             message = modification_message(key, changes)
-            pool.refresh(key)
             if report.failed:
                 report.sections.append(("modified the shared model", message))
             else:
@@ -275,8 +274,8 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
     finally:
         scope = item.config.stash[settings_key].scope
         module_ends = nextitem is None or getattr(nextitem, "module", None) is not getattr(item, "module", None)
-        if scope is ModelScope.FUNCTION or (scope is ModelScope.MODULE and module_ends):
-            item.config.stash[pool_key].clear()
+        release = scope is ModelScope.FUNCTION or (scope is ModelScope.MODULE and module_ends)
+        item.config.stash[pool_key].after_test(item.nodeid, deferred=module_ends, release=release)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

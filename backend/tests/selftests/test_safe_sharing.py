@@ -137,17 +137,18 @@ def test_a_test_that_modifies_a_shared_model_fails_and_the_next_gets_a_clean_one
         [
             "*_ test_zeroes_a_weight _*",
             "modified the shared model BAAI/bge-m3 [[]auto, default[]]:",
-            "  - weights changed in place: model.model.embeddings.word_embeddings.weight",
+            "  - weights changed in place: model.model.model.embeddings.word_embeddings.weight",
             "*Change a private copy instead: request sparse_embedding_model_copy*",
             "*_ test_leaves_training_mode_on _*",
             "modified the shared model backend/taxonomy-classifier [[]auto, default[]]:",
-            "  - training mode left on (model.train()): <root>, bert, bert.embeddings and * more",
+            "  - training mode left on (model.train()): model, model.bert, model.bert.embeddings and * more",
             "*request ml_classification_model_copy*",
             "*_ test_writes_through_data _*",
-            "  - weights changed through .data (no version bump): classifier.weight, classifier.bias",
+            "  - weights changed through .data (no version bump): model.classifier.weight, model.classifier.bias",
+            "  - weights written (their bytes differ from model.safetensors): model.classifier.weight, model.classifier.bias",
             "*_ test_replaces_a_head _*",
             "modified the shared model backend/taxonomy-classifier*",
-            "  - parameters, buffers or submodules added, removed or replaced in: <root>",
+            "  - parameters, buffers or submodules added, removed or replaced in: model",
         ]
     )
     reasons = [(r["model"], r["test"].split("::")[1]) for r in ml_tree.loads()["records"]]
