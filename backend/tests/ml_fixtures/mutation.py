@@ -4,11 +4,12 @@ A :class:`ModelSnapshot` is taken of everything a cached fixture hands out, ``(m
 device)``, and :meth:`ModelSnapshot.changes` compares after each test:
 
 - per tensor: its version counter (in-place ops bump ``tensor._version``, ``torch.no_grad()`` or
-  not), storage pointer, ``requires_grad``, and the bytes of its first and last element (a
-  whole-tensor write through ``.data`` changes them);
+  not), storage pointer, ``requires_grad`` and hooks;
 - every byte of every weight: the pages of the weight files that are copies now (a write of one
-  element through ``.data`` included; :mod:`ml_fixtures.pages`), or a checksum of the tensors
-  that are not in a file mapping;
+  element through ``.data`` included; :mod:`ml_fixtures.pages`), and a checksum of the tensors
+  that are not in a file mapping. Where that does not fit after every test (a model of bge-m3's
+  size), it runs in :meth:`ModelSnapshot.deferred_changes`, which the pool calls at the end of
+  each test module, and in between the first and last element of each tensor it covers are compared;
 - per torch module: its parameters, buffers and submodules (identity), ``training`` flag, hooks
   (forward, forward-pre, backward, backward-pre, state-dict) and other attributes; torch's global
   module hooks (:class:`GlobalHooks`);
@@ -17,9 +18,8 @@ device)``, and :meth:`ModelSnapshot.changes` compares after each test:
   backend's added tokens, components, truncation and padding.
 
 Attributes are compared by value where they are scalars or small containers (a copy is kept), by
-identity and length otherwise (a 250k-entry vocabulary). The check of every byte costs a scan of
-the mapped pages; where a model is too large for that to fit after every test, it runs when the
-plugin asks for the deferred checks (at the end of each test module).
+identity and length otherwise (a 250k-entry vocabulary). :func:`restore_in_place` gives the same
+objects the state of a fresh load.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from ml_fixtures import pages
 #: How many names a change lists before "and N more".
 SHOWN = 3
 #: The scan of written pages runs after each test for models of at most this many mapped pages
-#: (256 MiB of weights); at bge-m3's size (2.2 GB) it is deferred to the end of each module.
-PER_TEST_PAGES = 1 << 16
+#: (128 MiB of weights); at bge-m3's size (2.2 GB) it is deferred to the end of each module.
+PER_TEST_PAGES = 1 << 15
 #: The CPU tensors outside file mappings are checksummed after each test up to this many bytes.
 PER_TEST_CHECKSUM_BYTES = 1 << 20
 #: Containers up to this size are copied and compared by value; larger ones by identity and length.
@@ -156,7 +156,6 @@ class ModelSnapshot:
         self.members = [d[key] for d, key in self.slots]
         self.training = [m.training for m in self.modules]
         self.state = self._state()
-        self.samples = _Samples(self.tensors, self.state[1])
         modules = {id(m) for m in self.modules}
         named = list(zip(self.module_names, self.modules))
         named += [(name, obj) for name, obj in self.shared.items() if id(obj) not in modules]
@@ -181,6 +180,9 @@ class ModelSnapshot:
                 per_test.append(i)
         self.checksums = pages.Checksums(self.tensors, per_test)
         self.deferred_checksums = pages.Checksums(self.tensors, sorted(set(self.mapped.outside) - set(per_test)))
+        # Between deferred checks, the first and last elements of what they cover.
+        sampled = self.deferred_checksums.indices + ([] if self.pages_per_test else [i for _, _, i in self.mapped.spans])
+        self.samples = _Samples(self.tensors, sampled, self.mapped.mapping_of)
 
     @property
     def deferred(self) -> bool:
@@ -201,7 +203,8 @@ class ModelSnapshot:
     def _state(self) -> tuple[list, ...]:
         """Per tensor: version counter, storage pointer, ``requires_grad`` (``training`` is an attribute)."""
         tensors = self.tensors
-        return list(map(_VERSION, tensors)), [t.data_ptr() for t in tensors], list(map(_REQUIRES_GRAD, tensors))
+        data_ptr = sys.modules["torch"].Tensor.data_ptr if tensors else None
+        return list(map(_VERSION, tensors)), list(map(data_ptr, tensors)), list(map(_REQUIRES_GRAD, tensors))
 
     def _same_storage(self, now: tuple[list, ...]) -> bool:
         """No tensor moved, grew or was written in place: the recorded addresses are still theirs."""
@@ -577,37 +580,55 @@ class GlobalHooks:
 
 
 class _Samples:
-    """The first and the last element of each CPU tensor, as raw integers read at their addresses.
+    """The bytes of the first and the last element of some CPU tensors, read where they lie.
 
-    Each is a ctypes object made once over the element's memory: reading ``.value`` is a plain
-    memory read (a ``torch.cat`` of element views costs milliseconds at bge-m3's 391 tensors).
-    They are only read while every tensor keeps its storage pointer and version (a resize bumps
-    it), so they always read memory the tensor owns.
+    A write through ``.data`` bypasses the version counter; a whole-tensor one (``.data.zero_()``,
+    ``.data.copy_(…)``) changes these elements. Elements in a file mapping are gathered with one
+    numpy index over the mapping; the others are ctypes objects made once over their memory. They
+    are only read while every tensor keeps its storage pointer and version (a resize bumps it), so
+    they always read memory the tensors own.
     """
 
-    def __init__(self, tensors: list[Any], pointers: list[int]):
+    def __init__(self, tensors: list[Any], indices: list[int], mapping_of: dict[int, pages.Mapping]):
         import ctypes
 
-        types = {1: ctypes.c_uint8, 2: ctypes.c_uint16, 4: ctypes.c_uint32, 8: ctypes.c_uint64}
-        self.owners: list[int] = []  # the tensor index of each sampled element
+        import numpy as np
+
+        self.np = np
+        regions: dict[pages.Mapping, tuple[list[int], list[int]]] = {}
+        self.cell_owners: list[int] = []
         self.cells: list[Any] = []
-        for i, (tensor, pointer) in enumerate(zip(tensors, pointers)):
-            size = tensor.element_size()
-            if pointer == 0 or not tensor.is_cpu or not tensor.is_contiguous() or size not in types:
-                continue  # meta or GPU tensors: their version counter, pointer and checksum are what is checked
-            for index in {0, tensor.numel() - 1} if tensor.numel() else ():
-                self.owners.append(i)
-                self.cells.append(types[size].from_address(pointer + index * size))
+        for i in indices:
+            tensor = tensors[i]
+            size, pointer = tensor.element_size(), tensor.data_ptr()
+            if pointer == 0 or not tensor.is_cpu or not tensor.is_contiguous() or not tensor.numel():
+                continue
+            for address in {pointer, pointer + (tensor.numel() - 1) * size}:
+                if i in mapping_of:
+                    offsets, owners = regions.setdefault(mapping_of[i], ([], []))
+                    offsets += range(address - mapping_of[i].start, address - mapping_of[i].start + size)
+                    owners += [i] * size
+                else:
+                    self.cell_owners.append(i)
+                    self.cells.append((ctypes.c_uint8 * size).from_address(address))
+        self.regions = [
+            (np.frombuffer((ctypes.c_uint8 * (m.end - m.start)).from_address(m.start), np.uint8), np.array(offsets), np.array(owners))
+            for m, (offsets, owners) in regions.items()
+        ]
         self.values = self.read()
 
-    def read(self) -> list[int]:
-        return list(map(_VALUE, self.cells))
+    def read(self) -> list[Any]:
+        return [memory[offsets] for memory, offsets, _ in self.regions] + list(map(bytes, self.cells))
 
     def changed(self) -> list[int]:
-        return sorted({i for i, now, then in zip(self.owners, self.read(), self.values) if now != then})
+        now, found = self.read(), set()
+        for (_, _, owners), after, before in zip(self.regions, now, self.values):
+            found.update(owners[self.np.flatnonzero(after != before)].tolist())
+        found.update(i for i, after, before in zip(self.cell_owners, now[len(self.regions) :], self.values[len(self.regions) :]) if after != before)
+        return sorted(found)
 
 
-_VERSION, _REQUIRES_GRAD, _VALUE = (operator.attrgetter(name) for name in ("_version", "requires_grad", "value"))
+_VERSION, _REQUIRES_GRAD = operator.attrgetter("_version"), operator.attrgetter("requires_grad")
 
 
 def _names(names: list[str]) -> str:

@@ -20,7 +20,7 @@ import bisect
 import ctypes
 import errno
 import os
-import zlib
+import sys
 from collections.abc import Iterable
 from enum import Enum
 from typing import Any, NamedTuple
@@ -166,7 +166,7 @@ class FileBackedWeights:
             if start < end and m >= 0 and end <= mappings[m].end:
                 spans.append((start, end, i))
                 self.mapping_of[i] = mappings[m]
-            elif start < end or not tensor.is_cpu:
+            elif start < end or not (tensor.is_cpu or tensor.is_meta):
                 self.outside.append(i)
         self.ranges = _merged([_pages(start, end) for start, end, _ in spans])
         # Pages already copied at the snapshot (a loader that wrote into a mapped tensor) prove nothing.
@@ -244,51 +244,74 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 class Checksums:
-    """A checksum of each given tensor's bytes: CRC-32 of CPU memory, a position-weighted sum on other devices.
+    """A checksum of each given tensor's elements: their bits, as integers of their width, summed
+    twice in int64 (wrapping), plainly and weighted by position, so that a change of any one element
+    shows, and an exchange of two as well.
 
-    CPU bytes are read in place (no copy). On a GPU, each tensor's bits, as integers, are summed twice
-    in int64 (wrapping): plainly and weighted by position, so that a swap of two elements shows too.
+    CPU tensors are summed by numpy where they lie (no copy), the others by torch on their device:
+    the same sums (``selftests/test_shared_state.py`` compares them).
     """
 
     def __init__(self, tensors: list[Any], indices: list[int]):
         self.indices = indices
         self.tensors = [tensors[i] for i in indices]
         self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
-        # CPU bytes as ctypes arrays made once, read only while the tensors keep their storage.
-        self.memory = [_memory(t) if t.is_cpu else None for t in self.tensors]
+        # CPU elements as numpy arrays over their memory, made once, read only while the tensors keep their storage.
+        self.arrays = [_elements(t) if t.is_cpu else None for t in self.tensors]
+        self.positions = [_positions(0, a.size) if a is not None and a.size <= _CHUNK_ELEMENTS else None for a in self.arrays]
         self.values = self.compute()
 
-    def compute(self) -> list[object]:
-        return [checksum(tensor, memory) for tensor, memory in zip(self.tensors, self.memory)]
+    def compute(self) -> list[tuple[int, int]]:
+        return [
+            cpu_checksum(array, positions) if array is not None else device_checksum(tensor)
+            for tensor, array, positions in zip(self.tensors, self.arrays, self.positions)
+        ]
 
     def changed(self) -> list[int]:
         return [i for i, now, then in zip(self.indices, self.compute(), self.values) if now != then]
 
 
-def _memory(tensor: Any) -> Any:
+_CHUNK_ELEMENTS = 1 << 24  # bounded scratch memory: 128 MiB of int64 at most
+_MASK = 2**64 - 1
+
+
+def _elements(tensor: Any) -> Any:
+    """The tensor's memory as a numpy array of integers as wide as its elements (its whole span if strided)."""
+    import numpy as np
+
     start, end = byte_span(tensor)
-    return (ctypes.c_char * (end - start)).from_address(start)
+    dtype = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[tensor.element_size()]
+    return np.frombuffer((ctypes.c_char * (end - start)).from_address(start), dtype=dtype)
 
 
-def checksum(tensor: Any, memory: Any = None) -> object:
-    """A value that changes with any change of ``tensor``'s elements (see :class:`Checksums`)."""
-    if tensor.numel() == 0 or tensor.is_meta:
-        return None
-    if tensor.is_cpu:
-        return zlib.crc32(memory if memory is not None else _memory(tensor))
-    return device_checksum(tensor)
+def _positions(offset: int, size: int) -> Any:
+    import numpy as np
+
+    return np.arange(offset + 1, offset + size + 1, dtype=np.int64)
+
+
+def cpu_checksum(elements: Any, positions: Any = None) -> tuple[int, int]:
+    """The plain and the position-weighted int64 sums of ``elements`` (a numpy integer array);
+    ``positions``: the weights of a single chunk, made once."""
+    import numpy as np
+
+    plain = weighted = 0
+    for offset in range(0, elements.size, _CHUNK_ELEMENTS):
+        part = elements[offset : offset + _CHUNK_ELEMENTS].astype(np.int64, copy=False)
+        plain += int(part.sum())
+        weighted += int(np.dot(part, positions if positions is not None else _positions(offset, part.size)))
+    return plain & _MASK, weighted & _MASK
 
 
 def device_checksum(tensor: Any) -> tuple[int, int]:
-    """The plain and the position-weighted int64 sums of ``tensor``'s bits, computed where it lives."""
-    torch = __import__("torch")
+    """:func:`cpu_checksum` of ``tensor``'s elements, computed by torch where the tensor lives."""
+    torch = sys.modules["torch"]
     integer = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
     bits = tensor.detach().contiguous().view(-1).view(integer)
     plain = weighted = 0
-    chunk = 1 << 24  # bounded scratch memory: 128 MiB of int64 at most
-    for offset in range(0, bits.numel(), chunk):
-        part = bits[offset : offset + chunk].to(torch.int64)
+    for offset in range(0, bits.numel(), _CHUNK_ELEMENTS):
+        part = bits[offset : offset + _CHUNK_ELEMENTS].to(torch.int64)
         position = torch.arange(offset + 1, offset + part.numel() + 1, device=part.device, dtype=torch.int64)
         plain += int(part.sum())
         weighted += int((part * position).sum())
-    return plain & (2**64 - 1), weighted & (2**64 - 1)
+    return plain & _MASK, weighted & _MASK

@@ -254,11 +254,10 @@ def modification_message(key: ModelKey, changes: list[str]) -> str:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """After a test's call and teardown: fail it if it changed a pooled model (restored in teardown)."""
+    """After a test's teardown: fail it if it changed a pooled model (found and restored by ``pool.after_test``)."""
     report = yield
-    if call.when in ("call", "teardown"):
-        # After teardown, what pytest_runtest_teardown's check found.
-        for key, changes in item.config.stash[pool_key].modified(item.nodeid, check=call.when == "call"):
+    if call.when == "teardown":
+        for key, changes in item.config.stash[pool_key].modified():
             message = modification_message(key, changes)
             if report.failed:
                 report.sections.append(("modified the shared model", message))

@@ -6,10 +6,11 @@ new one that would not fit the memory budget first evicts the least recently use
 The scope policy (``--ml-model-scope``) decides when the plugin calls :meth:`clear`.
 
 Each entry keeps a :class:`~ml_fixtures.mutation.ModelSnapshot` of its ``(model, tokenizer,
-device)`` taken at load. The plugin asks :meth:`ModelPool.modified` after each test's call (and
-reports what is found), and :meth:`ModelPool.after_test` after its teardown: that checks again,
+device)`` taken at load. After each test's teardown (its fixtures undone: a ``monkeypatch`` of the
+model is no change) the plugin calls :meth:`ModelPool.after_test`, which checks every pooled model,
 runs the deferred checks at the end of a module, and puts a fresh load's state into the objects of
-each changed model, so whoever holds them gets the model as loaded again.
+each changed model, so whoever holds them gets it as loaded again; :meth:`ModelPool.modified` then
+hands what was found to the test's teardown report.
 """
 
 from __future__ import annotations
@@ -104,13 +105,11 @@ class ModelPool:
                 self._global_hooks = GlobalHooks()
             return loaded
 
-    def modified(self, test: str, check: bool = True) -> Findings:
-        """Pooled models changed and not reported yet, with what changed, for ``test`` to report:
-        what :meth:`after_test` (or an eviction) found, then (``check``) what a check now finds."""
+    def modified(self) -> Findings:
+        """The pooled models that :meth:`after_test` (or an eviction) found changed, with what changed,
+        once: for the report of the test."""
         with self._lock:
             found, self._pending = self._pending, []
-            if check:
-                found += self._check(test)
         merged: dict[ModelKey, list[str]] = {}
         for key, changes in found:
             if changes:
@@ -118,7 +117,7 @@ class ModelPool:
         return list(merged.items())
 
     def after_test(self, test: str, deferred: bool, release: bool) -> None:
-        """After ``test``'s teardown: check again (what its teardown changed), run the deferred checks
+        """After ``test``'s teardown: check every pooled model, and run the deferred checks
         (``deferred``: its module ends), keeping what they find for :meth:`modified`; then drop
         every model (``release``) or restore the changed ones in place.
 
@@ -137,8 +136,6 @@ class ModelPool:
     def _check(self, test: str) -> Findings:
         found = []
         for key, entry in self._entries.items():
-            if entry.changed:
-                continue  # reported already, restored after this test
             if entry.snapshot.deferred and entry.unchecked[-1:] != [test]:
                 entry.unchecked.append(test)
             changes = entry.snapshot.changes()
@@ -179,7 +176,7 @@ class ModelPool:
                     continue
                 entry.snapshot.close()
                 restore_in_place(entry.snapshot, fresh)
-                entry.snapshot, entry.changed = ModelSnapshot(entry.loaded), False
+                entry.snapshot, entry.changed, entry.unchecked = ModelSnapshot(entry.loaded), False, []
             self._restore_global_hooks()
         if failed:
             raise ModelRestoreError(
