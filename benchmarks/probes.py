@@ -131,16 +131,18 @@ def check_cost(repeats: int) -> dict:
     from ml_fixtures.mutation import ModelSnapshot
 
     models = {
-        "seed_scale_bge_m3": (lambda: loading.load_sparse_embedding_model(seed_scale_bge_m3_dir(), device="cpu"), SparseEmbeddingService),
-        "embedded_bge_m3": (lambda: loading.load_sparse_embedding_model(device="cpu"), SparseEmbeddingService),
-        "embedded_classifier": (lambda: loading.load_classification_model(device="cpu"), MLClassificationService),
+        "seed_scale_bge_m3": (lambda: loading.load_sparse_embedding_model(seed_scale_bge_m3_dir(), device="cpu"), "sparse"),
+        "embedded_bge_m3": (lambda: loading.load_sparse_embedding_model(device="cpu"), "sparse"),
+        "embedded_classifier": (lambda: loading.load_classification_model(device="cpu"), "classifier"),
     }
     results = {}
-    for name, (load, service) in models.items():
+    for name, (load, kind) in models.items():
         loaded = load()
-        _fixed(service, loaded).predict_batch(["a first text", "a second one"]) if service is MLClassificationService else (
-            _fixed(service, loaded).generate_embeddings(["a first text", "a second one"])
-        )
+        texts = ["a first text", "a second one"]
+        if kind == "sparse":
+            _fixed(SparseEmbeddingService, loaded).generate_embeddings(texts)
+        else:
+            _fixed(MLClassificationService, loaded).predict_batch(texts)
         snapshot, snapshot_s = _timed(functools.partial(ModelSnapshot, loaded))
         per_test, deferred = [], []
         for i in range(repeats):

@@ -641,18 +641,27 @@ def restore_in_place(snapshot: ModelSnapshot, fresh: Any) -> None:
     a new load of the same model, keeping their identity.
 
     Whoever holds one of them — a module-scoped fixture, a service — then sees it as loaded. The
-    fresh state's references to fresh shared objects are pointed at the kept ones.
+    states are exchanged: ``fresh``'s objects get the changed state, so that nothing they do when
+    they are dropped (FlagEmbedding's ``__del__`` moves its model to the CPU) touches the kept ones;
+    on each side, references to the other side's objects are pointed at their counterparts.
     """
     pairs = [(snapshot.shared[name], new) for name, new in shared_objects(fresh).items() if name in snapshot.shared]
-    kept = {id(new): old for old, new in pairs}
     for old, new in pairs:
-        state = dict(vars(new))
+        old_state, new_state = dict(vars(old)), dict(vars(new))
         vars(old).clear()
-        vars(old).update(state)
+        vars(old).update(new_state)
+        vars(new).clear()
+        vars(new).update(old_state)
+    for side, counterpart in (([old for old, _ in pairs], {id(new): old for old, new in pairs}), ([new for _, new in pairs], {id(old): new for old, new in pairs})):
+        _point_at(side, counterpart)
+
+
+def _point_at(objects: list[Any], counterpart: dict[int, Any]) -> None:
+    """In ``objects`` and the modules under them, replace each attribute value found in ``counterpart``."""
     torch = sys.modules["torch"]
-    holders = [old for old, _ in pairs] + [m for old, _ in pairs if isinstance(old, torch.nn.Module) for m in old.modules()]
+    holders = objects + [m for obj in objects if isinstance(obj, torch.nn.Module) for m in obj.modules()]
     for holder in holders:
         d = vars(holder)
         for key, value in list(d.items()):
-            if id(value) in kept:
-                d[key] = kept[id(value)]
+            if id(value) in counterpart:
+                d[key] = counterpart[id(value)]

@@ -395,3 +395,22 @@ def test_a_missing_pagemap_ioctl_falls_back_to_pagemap_entries(monkeypatch):
     assert pages.best_method() is pages.Method.SCAN
     monkeypatch.setattr(pages, "_scan", no_ioctl)
     assert pages.best_method() is pages.Method.READ
+
+
+def test_a_model_evicted_after_a_change_is_reported_with_it():
+    """The pool checks a model before it evicts it; the change is reported after the test."""
+    from app.ml import LoadedModel
+    from ml_fixtures.pool import ModelKey, ModelPool
+
+    class Model:
+        def __init__(self):
+            self.max_length = 512
+
+    pool = ModelPool(100, size_of=lambda model: 60)
+    first = pool.acquire(ModelKey("a"), lambda: LoadedModel(Model(), None, "cpu"))
+    first.model.max_length = 8
+    pool.acquire(ModelKey("b"), lambda: LoadedModel(Model(), None, "cpu"))  # evicts "a"
+    assert pool.modified() == [(ModelKey("a"), ["attributes changed: model.max_length (512 -> 8)"])]
+    assert pool.modified() == []
+    pool.after_test("test", deferred=True, release=False)
+    assert pool.modified() == [] and pool.keys() == [ModelKey("b")]
