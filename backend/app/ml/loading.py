@@ -134,8 +134,9 @@ def quantize_dynamic_int8(module):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-        # In place: the freshly loaded model is not needed unquantized, and its other weights stay mapped from the file.
-        return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True).eval()  # its new layers come in training mode
+        # In place: the fresh load is not needed unquantized, and its other weights stay mapped from the file.
+        # eval(): the new layers come in training mode.
+        return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True).eval()
 
 
 def model_nbytes(model: Any) -> int:
