@@ -163,12 +163,12 @@ class ModelSnapshot:
         self.hooks = _Hooks(named[: len(self.modules)], list(zip(self.tensor_names, self.tensors))) if self.modules else None
         self.backend = _Backend(loaded.tokenizer) if _Backend.applies(loaded.tokenizer) else None
         self._weights(
-            method or pages.best_method(),
+            method if method is not None else pages.best_method(),
             PER_TEST_PAGES if per_test_pages is None else per_test_pages,
             PER_TEST_CHECKSUM_BYTES if per_test_bytes is None else per_test_bytes,
         )
 
-    def _weights(self, method: pages.Method, per_test_pages: int, per_test_bytes: int) -> None:
+    def _weights(self, method: pages.Method | None, per_test_pages: int, per_test_bytes: int) -> None:
         """Every byte: file pages where the tensors are mapped, checksums elsewhere; per test where it fits."""
         self.mapped = pages.FileBackedWeights(self.tensors, method)
         self.pages_per_test = self.mapped.pages <= per_test_pages

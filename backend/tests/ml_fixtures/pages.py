@@ -63,6 +63,9 @@ class Method(Enum):
 
 def written_pages(ranges: Iterable[tuple[int, int]], method: Method) -> list[tuple[int, int]]:
     """The runs ``(start, end)`` of anonymous pages (written copies, present or swapped) in ``ranges``."""
+    ranges = list(ranges)
+    if not ranges:
+        return []
     fd = os.open(PAGEMAP, os.O_RDONLY)
     try:
         read = _scan if method is Method.SCAN else _read
@@ -105,8 +108,11 @@ def _read(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     return [(start + int(a) * PAGE, start + int(b) * PAGE) for a, b in zip(edges[::2], edges[1::2])]
 
 
-def best_method() -> Method:
-    """``PAGEMAP_SCAN`` where the kernel has it (6.7+), else reading pagemap entries."""
+def best_method() -> Method | None:
+    """``PAGEMAP_SCAN`` where the kernel has it (6.7+), else reading pagemap entries; None where
+    there is no ``/proc/self/pagemap`` (not Linux): then every tensor is checksummed."""
+    if not os.path.exists(PAGEMAP):
+        return None
     probe = ctypes.create_string_buffer(PAGE)
     start = ctypes.addressof(probe) // PAGE * PAGE
     try:
@@ -153,9 +159,9 @@ def _pages(start: int, end: int) -> tuple[int, int]:
 class FileBackedWeights:
     """The tensors held in private file mappings, and which of them a write has reached since the snapshot."""
 
-    def __init__(self, tensors: list[Any], method: Method):
+    def __init__(self, tensors: list[Any], method: Method | None):
         self.method = method
-        mappings = private_file_mappings()
+        mappings = private_file_mappings() if method is not None else []
         starts = [mapping.start for mapping in mappings]
         spans = []  # (start, end, index) of the tensors inside a mapping
         self.outside: list[int] = []  # the indices of the other tensors

@@ -414,3 +414,19 @@ def test_a_model_evicted_after_a_change_is_reported_with_it():
     assert pool.modified() == []
     pool.after_test("test", deferred=True, release=False)
     assert pool.modified() == [] and pool.keys() == [ModelKey("b")]
+
+
+def test_without_pagemap_every_tensor_is_checksummed(classifier, monkeypatch):
+    """Where there is no /proc/self/pagemap (not Linux), the checksums cover every weight."""
+    monkeypatch.setattr(pages, "PAGEMAP", "/nonexistent/pagemap")
+    assert pages.best_method() is None
+    snapshot = mutation.ModelSnapshot(classifier)
+    covered = snapshot.checksums.indices + snapshot.deferred_checksums.indices
+    assert not snapshot.mapped.spans and sorted(covered) == list(range(len(snapshot.tensors)))
+    bias = classifier.model.classifier.bias
+    value = float(bias[2])
+    bias.data[2] = value + 1
+    assert snapshot.changes() == ["weights changed (checksum of their bytes): model.classifier.bias"]
+    bias.data[2] = value
+    assert snapshot.changes() == []
+    snapshot.close()
