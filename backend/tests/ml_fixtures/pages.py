@@ -190,10 +190,6 @@ class FileBackedWeights:
         """How many pages one check reads."""
         return sum(end - start for start, end in self.ranges) // PAGE
 
-    @property
-    def nbytes(self) -> int:
-        return sum(end - start for start, end, _ in self.spans)
-
     def file_name(self, i: int) -> str:
         return os.path.basename(self.mapping_of[i].path)
 

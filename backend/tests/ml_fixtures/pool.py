@@ -207,9 +207,10 @@ class ModelPool:
         while self._entries and self.used_bytes + nbytes > self.memory_budget:
             key = next(iter(self._entries))
             entry = self._entries[key]
-            if not entry.changed:  # checked before it goes; the next modified() reports it
-                self._pending.append((key, entry.snapshot.changes()))
-            self._pending += self._deferred(key, entry, "when it was evicted")
+            # Checked before it goes; the next modified() reports what it had.
+            changes = [] if entry.changed else entry.snapshot.changes()
+            entry.changed = entry.changed or bool(changes)
+            self._pending += [(key, changes), *self._deferred(key, entry, "when it was evicted")]
             self._drop(key)
             self._on_evict(key)
             _release()
