@@ -318,12 +318,16 @@ def scale_markdown(scale: dict) -> list[str]:
         )
     check = scale.get("modification_check")
     if check:
-        lines += [
-            "",
-            f"Modified-shared-model check at this size ({check['tensors']} tensors, {check['modules']} modules): "
-            f"{check['check_ms_median']:.2f} ms per test (median of {check['repeats']}, max {check['check_ms_max']:.2f} ms); "
-            f"the snapshot at load {check['snapshot_ms']:.1f} ms.",
-        ]
+        lines += ["", f"Modified-shared-model check (`probes.py check_cost {check['repeats']}`), per model:"]
+        for name, c in check.items():
+            if name == "repeats":
+                continue
+            deferred = "" if c["pages_scanned_per_test"] else f"; at the end of each module {c['deferred_check_ms_median']:.1f} ms"
+            lines.append(
+                f"- {name} ({c['tensors']} tensors, {c['modules']} modules, {c['mapped_pages']} mapped pages): "
+                f"{c['check_ms_median']:.2f} ms per test (median, max {c['check_ms_max']:.2f} ms){deferred}; "
+                f"the snapshot at load {c['snapshot_ms']:.1f} ms."
+            )
     return lines
 
 

@@ -68,12 +68,28 @@ def load_sparse_embedding_model(
         model = BGEM3FlagModel(
             str(path), use_fp16=use_fp16(device, dtype), devices=device, trust_remote_code=False
         )
-        model.model.eval()  # FlagEmbedding leaves its heads in training mode until the first encode
+        if device == "cpu":
+            _map_heads(model.model, path)
+        # FlagEmbedding moves the model to its device, and leaves its heads in training mode, until the first encode.
+        model.model.to(model.target_devices[0]).eval()
         if dtype == "int8":
             model.model = quantize_dynamic_int8(model.model)
     except Exception as exc:
         raise ModelUnavailableError(SPARSE_EMBEDDING.name, [f"{path}: {type(exc).__name__}: {exc}"]) from exc
     return LoadedModel(model, model.tokenizer, device)
+
+
+def _map_heads(module, path: Path) -> None:
+    """Map BGE-M3's sparse and ColBERT heads from their files, copy on write, like the safetensors weights.
+
+    FlagEmbedding reads them into memory; mapped, they share the page cache between processes, and
+    a write to them shows as a page of the process's own (which the tests' sharing check relies on).
+    """
+    import torch
+
+    for name in ("colbert_linear", "sparse_linear"):
+        state = torch.load(path / f"{name}.pt", map_location="cpu", weights_only=True, mmap=True)
+        getattr(module, name).load_state_dict(state, assign=True)
 
 
 def load_classification_model(
@@ -135,7 +151,9 @@ def quantize_dynamic_int8(module):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-        return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8).eval()  # its new layers come in training mode
+        # In place: the fresh load is not needed unquantized, and its other weights stay mapped from the file.
+        # eval(): the new layers come in training mode.
+        return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True).eval()
 
 
 def inference_context():

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import pytest
+from _pytest.runner import runtestprotocol  # the protocol's phases without logging, as pytest-rerunfailures uses it
 
 from ml_fixtures import hookspecs, warm
 from ml_fixtures.cassettes import Cassettes, Replay
@@ -113,6 +114,8 @@ class MLModels:
             on_evict=self.report.evicted,
             unavailable=project.unavailable,
         )
+        # Releasing the pool also undoes the tokenizer-class patch of its snapshots (mutation.py).
+        config.add_cleanup(self.pool.clear)
         self.cassettes = Cassettes(self.settings.cassette_dir, self.settings.record)
         self.blocker = ModelBlocker(loaders_of(project))
         self.by_cached_fixture = {spec.cached_fixture: spec for spec in project.models}
@@ -268,13 +271,37 @@ class MLModels:
 
     # ------------------------------------------------------------ each test
 
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None):
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool:
+        """pytest's own protocol, with the reports logged after the teardown (as pytest-rerunfailures does).
+
+        The pooled models are checked after the test's teardown, so that a change that a fixture
+        undoes (``monkeypatch``) is no change; a test that changed one then fails in its call report,
+        as if the check had run inside it.
+        """
         self.report.current_test, self.item = item.nodeid, item
         try:
-            return (yield)
+            item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+            reports = runtestprotocol(item, nextitem=nextitem, log=False)
+            self._fail_modifying_test(reports)
+            for report in reports:
+                item.ihook.pytest_runtest_logreport(report=report)
+            item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         finally:
             self.report.current_test = self.report.current_policy = self.item = None
+        return True
+
+    def _fail_modifying_test(self, reports: list[pytest.TestReport]) -> None:
+        """Fail the test for each pooled model the check after its teardown found changed."""
+        report = next((r for r in reports if r.when == "call"), reports[-1])
+        for key, changes in self.pool.modified():
+            message = self.modification_message(key, changes)
+            if report.failed:
+                report.sections.append(("modified the shared model", message))
+                continue
+            report.outcome, report.longrepr = "failed", message
+            if hasattr(report, "wasxfail"):  # an expected failure does not excuse the change
+                del report.wasxfail
 
     def modification_message(self, key: ModelKey, changes: list[str]) -> str:
         spec = self.project.spec_for(key.model)
@@ -287,33 +314,22 @@ class MLModels:
                 "Every test of this run shares that loaded model (the pool), so the change would reach the tests after this one.",
                 f"Change a private copy instead: request {spec.copy_fixture} ({cost}), "
                 "or undo the change before the test ends (e.g. model.eval() after model.train()).",
-                "The pool has reloaded the model in place: the next test gets a clean one.",
+                "The pool has restored it in place after this test: the next test gets it as loaded.",
             ]
         )
 
     @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
-        """After a test's call and teardown: fail it if it changed a pooled model, and restore the model."""
-        report = yield
-        if call.when in ("call", "teardown"):
-            for key, changes in self.pool.modified():
-                message = self.modification_message(key, changes)
-                self.pool.refresh(key)
-                if report.failed:
-                    report.sections.append(("modified the shared model", message))
-                else:
-                    report.outcome, report.longrepr = "failed", message
-        return report
-
-    @pytest.hookimpl(wrapper=True)
     def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None):
+        """After the fixtures' teardown: check the pooled models, restore the changed ones in place
+        (a :class:`~ml_fixtures.pool.ModelRestoreError` naming the model if one cannot be loaded
+        again), and release them as the scope policy says."""
         try:
             return (yield)
         finally:
             scope = self.settings.scope
             module_ends = nextitem is None or getattr(nextitem, "module", None) is not getattr(item, "module", None)
-            if scope is ModelScope.FUNCTION or (scope is ModelScope.MODULE and module_ends):
-                self.pool.clear()
+            release = scope is ModelScope.FUNCTION or (scope is ModelScope.MODULE and module_ends)
+            self.pool.after_test(item.nodeid, deferred=module_ends, release=release)
 
     # ------------------------------------------------------------ the end
 

@@ -5,9 +5,12 @@ fixtures and the services alike. A model already in the pool is handed out again
 new one that would not fit the memory budget first evicts the least recently used.
 The scope policy (``--ml-model-scope``) decides when the plugin calls :meth:`clear`.
 
-Each entry keeps a :class:`~ml_fixtures.mutation.ModelSnapshot` taken at load: after every test
-the plugin asks :meth:`ModelPool.modified`, and :meth:`ModelPool.refresh` puts a fresh load's
-weights into a changed model's objects, so whoever holds it gets a clean model again.
+Each entry keeps a :class:`~ml_fixtures.mutation.ModelSnapshot` of its ``(model, tokenizer,
+device)`` taken at load. After each test's teardown (its fixtures undone: a ``monkeypatch`` of the
+model is no change) the plugin calls :meth:`ModelPool.after_test`, which checks every pooled model,
+runs the deferred checks at the end of a module, and puts a fresh load's state into the objects of
+each changed model, so whoever holds them gets it as loaded again; :meth:`ModelPool.modified` then
+hands what was found to the test's teardown report.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ml_fixtures.declaration import LoadedModel
-from ml_fixtures.mutation import ModelSnapshot, restore_in_place, torch_modules
+from ml_fixtures.mutation import GlobalHooks, ModelSnapshot, restore_in_place, torch_modules
 
 
 def model_nbytes(model: object) -> int:
@@ -49,12 +52,23 @@ class ModelKey:
         return f"{self.model}{where}{copy} [{self.device}, {self.dtype}]"
 
 
+class ModelRestoreError(Exception):
+    """A pooled model that a test changed could not be loaded again to put it back as loaded."""
+
+
 @dataclass
 class _Entry:
     loaded: LoadedModel
     nbytes: int
     load: Callable[[], LoadedModel]
     snapshot: ModelSnapshot
+    #: Reported as changed; :meth:`ModelPool.after_test` restores it.
+    changed: bool = False
+    #: The tests since the last clean deferred check (for a snapshot that defers part of its check).
+    unchecked: list[str] = field(default_factory=list)
+
+
+Findings = list[tuple["ModelKey", list[str]]]
 
 
 class ModelPool:
@@ -79,6 +93,10 @@ class ModelPool:
         self._failures: dict[ModelKey, BaseException] = {}
         self._known_sizes: dict[ModelKey, int] = {}
         self._lock = threading.RLock()
+        #: Changes found by after_test() or an eviction, for the next modified() to report.
+        self._pending: Findings = []
+        self._global_hooks: GlobalHooks | None = None
+        self._global_hooks_changed = False
 
     def acquire(self, key: ModelKey, load: Callable[[], LoadedModel]) -> LoadedModel:
         """The pooled model for ``key``, loading it with ``load()`` the first time."""
@@ -98,26 +116,100 @@ class ModelPool:
             nbytes = self._size_of(loaded.model)
             self._known_sizes[key] = nbytes
             self._make_room(nbytes)
-            self._entries[key] = _Entry(loaded, nbytes, load, ModelSnapshot(loaded.model))
+            self._entries[key] = _Entry(loaded, nbytes, load, ModelSnapshot(loaded))
+            if self._global_hooks is None and "torch" in sys.modules:
+                self._global_hooks = GlobalHooks()
             return loaded
 
-    def modified(self) -> list[tuple[ModelKey, list[str]]]:
-        """Pooled models that differ from their state at load, with what changed."""
+    def modified(self) -> Findings:
+        """The pooled models that :meth:`after_test` (or an eviction) found changed, with what changed,
+        once: for the report of the test."""
         with self._lock:
-            found = [(key, entry.snapshot.changes()) for key, entry in self._entries.items()]
-        return [(key, changes) for key, changes in found if changes]
+            found, self._pending = self._pending, []
+        merged: dict[ModelKey, list[str]] = {}
+        for key, changes in found:
+            if changes:
+                merged.setdefault(key, []).extend(changes)
+        return list(merged.items())
 
-    def refresh(self, key: ModelKey) -> None:
-        """Load ``key``'s model again and restore the pooled objects from it, in place."""
+    def after_test(self, test: str, deferred: bool, release: bool) -> None:
+        """After ``test``'s teardown: check every pooled model, and run the deferred checks
+        (``deferred``: its module ends), keeping what they find for :meth:`modified`; then drop
+        every model (``release``) or restore the changed ones in place.
+
+        Raises :class:`ModelRestoreError` naming the model when one cannot be loaded again.
+        """
         with self._lock:
-            entry = self._entries[key]
-            try:
-                fresh = self._on_load(key, entry.load)
-            except self._unavailable:  # cannot be cleaned: drop it, the next acquire loads anew
-                del self._entries[key]
-                raise
-            restore_in_place(entry.loaded.model, fresh.model)
-            entry.snapshot = ModelSnapshot(entry.loaded.model)
+            self._pending += self._check(test)
+            if deferred or release:
+                for key, entry in self._entries.items():
+                    self._pending += self._deferred(key, entry, f"after {test}")
+            if release:
+                self.clear()
+            else:
+                self.restore()
+
+    def _check(self, test: str) -> Findings:
+        found = []
+        for key, entry in self._entries.items():
+            if entry.snapshot.deferred and entry.unchecked[-1:] != [test]:
+                entry.unchecked.append(test)
+            changes = entry.snapshot.changes()
+            if changes:
+                entry.changed = True
+                found.append((key, changes))
+        if self._global_hooks is not None and self._entries and not self._global_hooks_changed:
+            changes = self._global_hooks.changes()
+            if changes:  # they run in every model: reported with the one used last
+                self._global_hooks_changed = True
+                found.append((next(reversed(self._entries)), changes))
+        return found
+
+    def _deferred(self, key: ModelKey, entry: _Entry, when: str) -> Findings:
+        """The deferred checks of one model, naming the tests since the last clean one."""
+        tests, entry.unchecked = entry.unchecked, []
+        changes = [] if entry.changed else entry.snapshot.deferred_changes()
+        if not changes:
+            return []
+        entry.changed = True
+        return [(key, [*changes, f"found by the deferred check {when}; one of these tests did it: {', '.join(tests)}"])]
+
+    def restore(self) -> None:
+        """Put each changed model back as loaded, in its own objects; undo leftover tokenizer-call
+        state and global hooks. Raises :class:`ModelRestoreError` for a model that cannot be loaded."""
+        failed = []
+        with self._lock:
+            for key, entry in list(self._entries.items()):
+                if not entry.changed:
+                    entry.snapshot.reset_tokenizer_calls()
+                    continue
+                try:
+                    fresh = self._on_load(key, entry.load)
+                except self._unavailable as exc:  # cannot be cleaned: drop it, later acquires fail as unavailable
+                    self._drop(key)
+                    self._failures[key] = exc
+                    failed.append(f"{key}: {exc}")
+                    continue
+                entry.snapshot.close()
+                restore_in_place(entry.snapshot, fresh)
+                entry.snapshot, entry.changed, entry.unchecked = ModelSnapshot(entry.loaded), False, []
+            self._restore_global_hooks()
+        if failed:
+            raise ModelRestoreError(
+                "a test changed the shared model and it could not be loaded again to restore it:\n  "
+                + "\n  ".join(failed)
+                + "\nLater requests for it fail as unavailable; objects already handed out keep the change."
+            )
+
+    def _restore_global_hooks(self) -> None:
+        if self._global_hooks is not None and self._global_hooks_changed:
+            self._global_hooks.restore()
+            self._global_hooks_changed = False
+
+    def _drop(self, key: ModelKey) -> _Entry:
+        entry = self._entries.pop(key)
+        entry.snapshot.close()
+        return entry
 
     @property
     def used_bytes(self) -> int:
@@ -129,7 +221,13 @@ class ModelPool:
 
     def _make_room(self, nbytes: int) -> None:
         while self._entries and self.used_bytes + nbytes > self.memory_budget:
-            key, _ = self._entries.popitem(last=False)
+            key = next(iter(self._entries))
+            entry = self._entries[key]
+            # Checked before it goes; the next modified() reports what it had.
+            changes = [] if entry.changed else entry.snapshot.changes()
+            entry.changed = entry.changed or bool(changes)
+            self._pending += [(key, changes), *self._deferred(key, entry, "when it was evicted")]
+            self._drop(key)
             self._on_evict(key)
             _release()
         if nbytes > self.memory_budget:
@@ -139,8 +237,11 @@ class ModelPool:
         """Drop every model (and remembered failure), then free their memory."""
         with self._lock:
             had_models = bool(self._entries)
-            self._entries.clear()
+            for key in list(self._entries):
+                self._drop(key)
             self._failures.clear()
+            self._restore_global_hooks()
+            self._global_hooks = None
         if had_models:
             _release()
 
