@@ -59,7 +59,7 @@ def test_the_reranker_gets_every_feature_from_its_declaration(ml_tree):
         [
             "*test_unit_cached_fixture_is_refused called rerank_model_cached.",
             "modified the shared model BAAI/bge-reranker-v2-m3 [[]auto, default[]]:",
-            "  - weights changed in place: model.classifier.weight",
+            "  - weights changed in place: model.model.classifier.weight",
             "*request rerank_model_copy (this model's last load here took * s)*",
             "*test_unit_loader_is_blocked called app.ml.loading.load_rerank_model.",
         ]
