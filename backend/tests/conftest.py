@@ -13,14 +13,11 @@ Read ML_MODEL_OPTIMIZATION.md beside this file. In short:
 The machinery (pool, loaders, fakes, guard, load report, cassettes) lives in ``ml_fixtures/``.
 """
 
-# ruff: noqa: E402 (imports follow the assertion-rewrite registration)
 from __future__ import annotations
 
 from unittest import mock
 
 import pytest
-
-pytest.register_assert_rewrite("ml_fixtures")
 from app.services.ml_classification_service import ClassificationResult, LabelPrediction, MLClassificationService
 from app.services.sparse_embedding_service import SparseEmbeddingService
 from ml_fixtures import database, plugin

@@ -30,6 +30,9 @@ build_lines_key = pytest.StashKey[logging.Handler]()
 current_item_key = pytest.StashKey["pytest.Item | None"]()
 #: A fresh load into the pooled model's objects costs this much here (see ML_MODEL_OPTIMIZATION.md).
 COPY_COST = "a fresh load of its own: about 0.25 s for the embedded models, 0.55 s at bge-m3 size"
+#: Model hubs are never reached from tests: the resolver uses local files only. Set for every run
+#: unless the caller set them; a warm server imports the hub's libraries with them too.
+OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 class UnavailableModel(LoadedModel):
@@ -44,11 +47,7 @@ class UnavailableModel(LoadedModel):
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> int | None:
     """``--ml-warm``: hand the whole session to a warm server's child; ``--ml-warm-stop``: stop it."""
-    if config.getoption("ml_warm_stop"):
-        return warm.stop()
-    if config.getoption("ml_warm"):
-        return warm.run([str(arg) for arg in config.invocation_params.args if arg != "--ml-warm"])
-    return None
+    return warm.cmdline_main(config, OFFLINE_ENVIRONMENT)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -56,9 +55,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         f"{MARKER}: run this test on real models (opts out of the automatic fake models and the unit-tree guard)",
     )
-    # Model hubs are never reached from tests: the resolver uses local files only.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    for name, value in OFFLINE_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     # Pinned for child processes too (pytester moves HOME), so models are built once per machine.
     if config.getoption("ml_model_cache_dir"):
         os.environ["ML_MODEL_CACHE_DIR"] = config.getoption("ml_model_cache_dir")

@@ -26,7 +26,7 @@ def lay_out(root: Path) -> None:
     this one, a child pytest, an xdist worker.
     """
     (root / "pytest.ini").write_text(
-        f"[pytest]\npythonpath = {' '.join(python_path())}\naddopts = --strict-markers -p no:cacheprovider\n"
+        f"[pytest]\npythonpath = {' '.join(python_path())}\naddopts = -p ml_fixtures.plugin --strict-markers -p no:cacheprovider\n"
     )
     shutil.copy(TESTS / "conftest.py", root / "conftest.py")
     for tree in TREES:
