@@ -272,13 +272,23 @@ def _run_on_a_terminal(tree: WarmTree, args: list[str], script: list[tuple[bytes
     return process.wait(timeout=30), output
 
 
-def test_the_debugger_and_input_read_a_terminal_as_cold(shared_warm_tree):
+@pytest.mark.parametrize("stdin", ["terminal", "pipe"])
+def test_the_debugger_input_and_pdb_read_stdin_as_cold(shared_warm_tree, stdin):
     shared_warm_tree.tree.write("unit/test_debugged.py", DEBUGGED)
     script = [(b"(Pdb)", b"x = 43\n"), (b"(Pdb)", b"c\n"), (b"name? ", b"typed\n"), (b"(Pdb)", b"p 6*7\n"), (b"(Pdb)", b"c\n")]
+
+    def run(mode: list[str]) -> tuple[int, bytes]:
+        if stdin == "terminal":
+            return _run_on_a_terminal(shared_warm_tree, ["-s", "--pdb", *mode], list(script))
+        keys = b"".join(key for _, key in script).decode()
+        done = shared_warm_tree.run("-s", "--pdb", *mode, "unit/test_debugged.py", input=keys)
+        return done.returncode, (done.stdout + done.stderr).encode()
+
     with ThreadPoolExecutor(2) as pool:  # cold and warm at once
-        results = list(pool.map(lambda mode: _run_on_a_terminal(shared_warm_tree, ["-s", "--pdb", *mode], list(script)), ([], ["--ml-warm"])))
+        results = list(pool.map(run, ([], ["--ml-warm"])))
     for code, output in results:
-        assert code == 1 and b"42" in output and b"1 failed, 2 passed" in output, output[-3000:]
+        printed = [line.strip().removeprefix(b"(Pdb)").strip() for line in output.splitlines()]  # a terminal echoes
+        assert code == 1 and b"42" in printed and b"1 failed, 2 passed" in output, output[-3000:]
 
 
 def test_a_client_that_vanishes_or_stays_silent_harms_no_run(shared_warm_tree, tmp_path):
