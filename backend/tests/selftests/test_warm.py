@@ -291,32 +291,35 @@ def test_the_debugger_input_and_pdb_read_stdin_as_cold(shared_warm_tree, stdin):
         assert code == 1 and b"42" in printed and b"1 failed, 2 passed" in output, output[-3000:]
 
 
-def test_a_client_that_vanishes_or_stays_silent_harms_no_run(shared_warm_tree, tmp_path):
-    shared_warm_tree.tree.write("unit/test_ok.py", "def test_ok():\n    pass\n")
-    assert shared_warm_tree.run("-q", "--ml-warm").returncode == 0
-    (server,) = shared_warm_tree.server_pids()
-    path = next(shared_warm_tree.warm_dir.glob("server-*.sock"))
-    os.kill(server, signal.SIGSTOP)  # busy: what connects now waits in the backlog
+def test_a_client_that_vanishes_or_stays_silent_harms_no_run(warm_tree):
+    """Ctrl-C in the first run's start-up wait, a stop whose caller is gone, a client that sends
+    nothing or half a request: the server goes on and the next run is served at once."""
+    warm_tree.tree.write("unit/test_ok.py", "def test_ok():\n    pass\n")
+    first = warm_tree.start("-q", "--ml-warm")
+    line = first.stdout.readline()
+    assert "starting a warm server" in line, line + first.stdout.read()
+    server = started_pid(line)
+    assert wait_for(lambda: any(warm_tree.warm_dir.glob("server-*.sock")))  # bound, then it imports
+    os.kill(server, signal.SIGSTOP)  # still importing: what connects now waits in the backlog
     try:
-        for message in ({"op": "ping"}, {"op": "stop"}):  # e.g. Ctrl-C in the first run's start-up wait, or a stop's
+        time.sleep(0.3)  # the first run's ping is in the backlog
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=30) == 2 and "ml-warm: interrupted" in first.stdout.read()
+        assert not warm_tree.server_pids()  # no manifest yet: the server had not finished its imports
+        path = next(warm_tree.warm_dir.glob("server-*.sock"))
+        for message in ({"op": "ping"}, {"op": "stop"}):
             gone = warm._connect(path, timeout=5)
             warm._send(gone, message)
             gone.close()
-        pid_file = tmp_path / "child.pid"
-        shared_warm_tree.tree.write("unit/test_sleep.py", SLEEPER)
-        interrupted = shared_warm_tree.start("-q", "--ml-warm", "unit/test_sleep.py", PID_FILE=str(pid_file))
-        time.sleep(1)  # the caller is waiting for the busy server
-        interrupted.send_signal(signal.SIGINT)
-        assert interrupted.wait(timeout=30) == 2
         silent = warm._connect(path, timeout=5)
         partial = warm._connect(path, timeout=5)
         partial.send(warm._frame({"op": "ping"})[:6])
     finally:
         os.kill(server, signal.SIGCONT)
-    done = shared_warm_tree.run("-q", "--ml-warm", "unit/test_ok.py")
+    done = warm_tree.run("-q", "--ml-warm")
     assert done.returncode == 0 and summary(done.stdout) == "1 passed" and done.stderr == ""
-    assert shared_warm_tree.server_pids() == [server] and alive(server) and not pid_file.exists()
-    assert "Traceback" not in shared_warm_tree.logs()
+    assert warm_tree.server_pids() == [server] and alive(server)
+    assert "Traceback" not in warm_tree.logs()
     silent.close()
     partial.close()
 
