@@ -56,6 +56,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import types
 import warnings
 from pathlib import Path
@@ -189,7 +190,10 @@ class Identity:
                 return f"{name}: {theirs!r} there, {mine!r} here"
         return "no difference"
 
-    def server_environment(self, defaults: dict[str, str] | None) -> dict[str, str]:
+    @staticmethod
+    def server_environment(defaults: dict[str, str] | None) -> dict[str, str]:
+        """This environment with ``defaults`` where unset, less what each child re-applies (a server
+        importing under PYTHONWARNINGS=error would fail its imports)."""
         environ = {name: value for name, value in os.environ.items() if name not in REAPPLIED}
         return {**(defaults or {}), **environ}
 
@@ -366,6 +370,7 @@ class Server:
         self.environment_added: dict[str, str] = {}
         self.stop_requested = False
         self.last_activity = time.monotonic()
+        self.wake_fds: tuple[int, ...] = ()
 
     def serve(self) -> None:
         # Bind before the imports: a caller that connects meanwhile waits in the backlog.
@@ -429,7 +434,10 @@ class Server:
                         self._stop_accepting("its socket was removed or replaced")
             deadlines = [p.deadline for p in self.pending.values()] + [next_check, self.last_activity + self.idle_s]
             for key, _ in self.selector.select(max(0.0, min(deadlines) - time.monotonic())):
-                key.data(key.fileobj)
+                try:
+                    key.data(key.fileobj)
+                except Exception:  # one connection's trouble: this server serves the others on
+                    traceback.print_exc()
             self._reap()
             for conn in [c for c, p in self.pending.items() if p.deadline <= time.monotonic()]:
                 self._drop(conn)  # a silent or slow client
@@ -496,7 +504,9 @@ class Server:
         conn.close()
 
     def _read_request(self, conn: socket.socket) -> None:
-        pending = self.pending[conn]
+        pending = self.pending.get(conn)
+        if pending is None:  # dropped since the selector reported it
+            return
         try:
             data, fds, flags, _ = socket.recv_fds(conn, 65536, 8)
         except (BlockingIOError, InterruptedError):
@@ -554,7 +564,12 @@ class Server:
     def _fork(self, conn: socket.socket, request: dict, fds: list[int]) -> None:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            _send_quietly(conn, {"refused": f"the warm server cannot fork: {exc}"})
+            conn.close()
+            return
         if pid == 0:
             try:
                 self._close_in_child(keep=conn)
@@ -584,14 +599,16 @@ class Server:
             return
         except OSError:
             pass
-        pid = next(p for p, c in self.runs.items() if c is conn)
+        pid = next((p for p, c in self.runs.items() if c is conn), None)
+        self.selector.unregister(conn)
+        conn.close()
+        if pid is None:
+            return
+        self.runs[pid] = None
         with contextlib.suppress(OSError):
             os.killpg(pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-        self.selector.unregister(conn)
-        conn.close()
-        self.runs[pid] = None
 
     def _reap(self) -> None:
         while self.runs:
@@ -817,13 +834,9 @@ def _exit_as_python(main) -> None:
         else:
             print(exc.code, file=sys.stderr)
     except KeyboardInterrupt:
-        import traceback
-
         traceback.print_exc()
         interrupted = True
     except BaseException:
-        import traceback
-
         traceback.print_exc()
     with contextlib.suppress(BaseException):
         threading._shutdown()
@@ -1059,7 +1072,7 @@ def start_server(path: Path, environ: dict[str, str] | None = None) -> subproces
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            env=environ if environ is not None else Identity.of_this_process().server_environment(None),
+            env=environ if environ is not None else Identity.server_environment(None),
             cwd=files.directory,
             start_new_session=True,
             close_fds=True,
