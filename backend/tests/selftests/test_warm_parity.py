@@ -90,7 +90,7 @@ def test_probes_give_the_same_results_cold_and_warm(ml_tree, tmp_path, monkeypat
         # As a shell has it: the offline variables are what the plugin sets during each run.
         **{name: value for name, value in os.environ.items() if name not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")},
         "ML_WARM_DIR": str(warm_dir),
-        "ML_WARM_PRELOAD": "torch,transformers,huggingface_hub,sqlalchemy",
+        "ML_WARM_PRELOAD": "torch,transformers,transformers.models.bert.modeling_bert,huggingface_hub,sqlalchemy",
         "PYTHONDONTWRITEBYTECODE": "",
     }
     monkeypatch.setenv("ML_WARM_DIR", str(warm_dir))
