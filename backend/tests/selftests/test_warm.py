@@ -1,8 +1,10 @@
-"""--ml-warm: runs through a warm server's forked child give a cold run's results, pick up edits,
-restart when a file the server imported changes, refuse other users, pass signals on and end as a
-cold run ends, die with their caller, idle out, survive any client, and fall back to cold when
-they must. Real processes throughout: the server and its children are the claim. The servers here
-preload SQLAlchemy only (fast to start); the probes that need torch are in test_warm_parity.py.
+"""--ml-warm's machinery: runs pick up edits and a server restarts when a file it imported changes;
+signals, Ctrl-Z and crashes end a warm run as they end a cold one; the debugger and input() read
+the caller's stdin, on a pipe and on a terminal; the server refuses other users and survives any
+client (vanishing, silent, concurrent, killed), exits when idle or when its socket goes, and gets
+a sibling for other import-time settings; xdist and usage errors come through as cold. Real
+processes throughout: the server and its children are the claim. The servers here preload
+SQLAlchemy only (fast to start); the cold/warm probes that need torch are in test_warm_parity.py.
 Most tests share the module's one server (``shared_warm_tree``)."""
 
 import os
