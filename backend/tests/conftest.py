@@ -15,12 +15,8 @@ The models are declared once each in ``ml_models.py``; the machinery (pool, load
 guard, load report, cassettes) lives in ``ml_fixtures/``, which imports nothing of ``app``.
 """
 
-# ruff: noqa: E402 (imports follow the assertion-rewrite registration)
 from __future__ import annotations
 
-import pytest
-
-pytest.register_assert_rewrite("ml_fixtures")
 from ml_fixtures.fixtures import (  # noqa: F401 (fixtures: importing them defines them here)
     cached_model_fixture,
     ml_model_blocker,

@@ -30,6 +30,9 @@ from ml_fixtures.parallel import pytest_xdist_auto_num_workers as pytest_xdist_a
 from ml_fixtures.pool import ModelKey, ModelPool
 
 ml_models_key = pytest.StashKey["MLModels"]()
+#: Model hubs are never reached from tests: the resolvers use local files only. Set for every run
+#: unless the caller set them; a warm server imports the hubs' libraries with them too.
+OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -49,14 +52,14 @@ def project_of(config: pytest.Config) -> Project:
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> int | None:
     """``--ml-warm``: hand the whole session to a warm server's child; ``--ml-warm-stop``: stop it."""
-    if config.getoption("ml_warm_stop"):
-        return warm.stop()
-    if config.getoption("ml_warm"):
-        with pytest.MonkeyPatch.context() as environment:
-            if "ML_WARM_PRELOAD" not in os.environ:  # a server started now imports what the project uses
-                environment.setenv("ML_WARM_PRELOAD", ",".join(project_of(config).preload))
-            return warm.run([str(arg) for arg in config.invocation_params.args if arg != "--ml-warm"])
-    return None
+    defaults = dict(OFFLINE_ENVIRONMENT)
+    if config.getoption("ml_warm") and not warm.is_child(config):
+        preload = project_of(config).preload
+        if not preload:  # no conftest declares a project here (a path that does not exist, say)
+            warm.say("no project declares its models here (pytest_ml_project); running cold")
+            return None
+        defaults["ML_WARM_PRELOAD"] = ",".join(preload)  # the server imports what the project's models use
+    return warm.cmdline_main(config, defaults)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -130,9 +133,8 @@ class MLModels:
     def _pin_environment(self) -> None:
         environment = pytest.MonkeyPatch()
         self.config.add_cleanup(environment.undo)  # in-process runs (pytester) leave nothing behind
-        # Model hubs are never reached from tests: the resolvers use local files only.
-        for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-            environment.setenv(variable, os.environ.get(variable, "1"))
+        for variable, value in OFFLINE_ENVIRONMENT.items():
+            environment.setenv(variable, os.environ.get(variable, value))
         variable = self.project.cache_dir_variable
         if variable:  # pinned for child processes too (pytester moves HOME): models are built once per machine
             chosen = self.config.getoption("ml_model_cache_dir") or os.environ.get(variable) or self.project.cache_dir()

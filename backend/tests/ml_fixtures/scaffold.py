@@ -23,7 +23,8 @@ def lay_out(root: Path, project: Project) -> None:
     importable in any process that runs the tree: this one, a child pytest, an xdist worker.
     """
     (root / "pytest.ini").write_text(
-        f"[pytest]\npythonpath = {' '.join(python_path(project))}\naddopts = --strict-markers -p no:cacheprovider\n"
+        f"[pytest]\npythonpath = {' '.join(python_path(project))}\n"
+        f"addopts = -p {__package__}.plugin --strict-markers -p no:cacheprovider\n"
     )
     shutil.copy(project.tests_dir / "conftest.py", root / "conftest.py")
     for tree in project.trees:
