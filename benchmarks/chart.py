@@ -4,7 +4,8 @@ Each row is one suite (the generated suite on the embedded models; the seed-scal
 repository's own integration tests cold and warm; the same tree run the peers' ways): wall
 time per configuration on the left (median, with a bar from the fastest to the slowest run), and
 memory on the right (summed PSS over the run's processes, with the largest single process's peak
-RSS beside it where every process of the run reports it: not for the peers, whose forked workers do not). ``python benchmarks/chart.py [latest.json]`` redraws it.
+RSS beside it where every process of the run reports it: not for the peers, whose forked workers do not).
+``python benchmarks/chart.py [latest.json]`` redraws it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _panel_wall(axis, configurations: dict, title: str) -> None:
 def _panel_memory(axis, configurations: dict, with_rss: bool = True) -> None:
     names, configs = _rows(configurations)
     if not any("pss_mb" in c for c in configs.values()):
-        axis.text(0.5, 0.5, "memory not sampled:\nthe warm child runs in the server's process tree", ha="center", va="center", fontsize=8)
+        note = "memory not sampled:\nthe warm child runs in the server's process tree"
+        axis.text(0.5, 0.5, note, ha="center", va="center", fontsize=8)
         axis.axis("off")
         return
     ys = range(len(names))

@@ -307,7 +307,8 @@ def scale_markdown(scale: dict) -> list[str]:
         f"Seed scale: {scale['model']} ({scale['parameters'] / 1e6:.0f}M parameters, {scale['model_gb']:.2f} GB on disk); "
         f"{scale['tests']} tests in {scale['modules']} modules; {scale['runs']} runs each, alternating; median [min–max].",
         "",
-        "| configuration | wall s | real loads | load s | memory MB (summed PSS) | peak RSS MB (one process) | processes | wall / function |",
+        "| configuration | wall s | real loads | load s | memory MB (summed PSS) | peak RSS MB (one process) | processes "
+        "| wall / function |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, c in configs.items():
@@ -322,7 +323,8 @@ def scale_markdown(scale: dict) -> list[str]:
         for name, c in check.items():
             if name == "repeats":
                 continue
-            deferred = "" if c["pages_scanned_per_test"] else f"; at the end of each module {c['deferred_check_ms_median']:.1f} ms"
+            at_module_end = f"; at the end of each module {c['deferred_check_ms_median']:.1f} ms"
+            deferred = "" if c["pages_scanned_per_test"] else at_module_end
             lines.append(
                 f"- {name} ({c['tensors']} tensors, {c['modules']} modules, {c['mapped_pages']} mapped pages): "
                 f"{c['check_ms_median']:.2f} ms per test (median, max {c['check_ms_max']:.2f} ms){deferred}; "
@@ -393,6 +395,11 @@ def scale_section(workdir: Path, runs: int, modules: int = 4, tests: int = 3) ->
     }
 
 
+def stop_warm_servers(env: dict[str, str]) -> None:
+    """``pytest --ml-warm-stop`` for the servers of ``env``'s ``ML_WARM_DIR``."""
+    subprocess.run([sys.executable, "-m", "pytest", "--ml-warm-stop"], cwd=REPO, env={**os.environ, **env}, capture_output=True)
+
+
 def warm_section(workdir: Path, runs: int) -> dict:
     """This repository's own integration tests, cold against --ml-warm, runs alternating.
 
@@ -412,7 +419,7 @@ def warm_section(workdir: Path, runs: int) -> dict:
     try:
         results = alternate(configs, runs, run_pytest, label="warm ", env=env, memory=False)
     finally:
-        subprocess.run([sys.executable, "-m", "pytest", "--ml-warm-stop"], cwd=REPO, env={**os.environ, **env}, capture_output=True)
+        stop_warm_servers(env)
     return {"runs": runs, "configurations": results}
 
 
@@ -482,7 +489,8 @@ def peers_section(workdir: Path, runs: int, tree: str = PEERS_TREE) -> dict:
     (workdir / "fast").mkdir()
     env = {"ML_WARM_DIR": str(workdir / "warm"), "PYTHONDONTWRITEBYTECODE": ""}
     configs = {
-        name: (root, ["-p", "no:cacheprovider", *args], own) for name, (root, args, own) in peer_configurations(workdir, tree).items()
+        name: (root, ["-p", "no:cacheprovider", *args], own)
+        for name, (root, args, own) in peer_configurations(workdir, tree).items()
     }
     try:
         for name in RESIDENT:
@@ -490,7 +498,7 @@ def peers_section(workdir: Path, runs: int, tree: str = PEERS_TREE) -> dict:
             run_pytest(root, args, env, memory=False, check=False)
         results = alternate(configs, runs, run_pytest, label="peers ", env=env, check=False)
     finally:
-        subprocess.run([sys.executable, "-m", "pytest", "--ml-warm-stop"], cwd=REPO, env={**os.environ, **env}, capture_output=True)
+        stop_warm_servers(env)
         for daemon in resident_servers(str(workdir / "fast")):  # pytest-fast's daemon, which this section started
             with contextlib.suppress(psutil.Error):
                 for process in [*daemon.children(recursive=True), daemon]:
@@ -537,7 +545,9 @@ SECTIONS = ("core", "scale", "warm", "peers")
 
 #: Configurations whose processes are the point; an in-process smoke run leaves them out.
 SEPARATE_PROCESSES = ("integration, -n 2 --dist loadgroup",)
-SMOKE_SIZES = Sizes(sparse_modules=1, classifier_modules=1, unit_modules=1, tests_per_integration_module=2, tests_per_unit_module=1)
+SMOKE_SIZES = Sizes(
+    sparse_modules=1, classifier_modules=1, unit_modules=1, tests_per_integration_module=2, tests_per_unit_module=1
+)
 #: The smoke run's int8 comparison: one repeat over the first texts of the dataset.
 SMOKE_QUANTIZE = (1, 12)
 

@@ -17,10 +17,10 @@ class Resource(Base):
     title: Mapped[str] = mapped_column(String(500))
     content: Mapped[str] = mapped_column(Text, default="")
 
-    sparse_embedding: Mapped["ResourceSparseEmbedding | None"] = relationship(
+    sparse_embedding: Mapped[ResourceSparseEmbedding | None] = relationship(
         back_populates="resource", cascade="all, delete-orphan", uselist=False
     )
-    classifications: Mapped[list["ResourceClassification"]] = relationship(
+    classifications: Mapped[list[ResourceClassification]] = relationship(
         back_populates="resource", cascade="all, delete-orphan", order_by="ResourceClassification.rank"
     )
 

@@ -103,7 +103,10 @@ PROJECT = Project(
     cache_dir_variable="ML_MODEL_CACHE_DIR",
     unavailable=(ModelUnavailableError,),
     build_loggers=("app.ml",),
-    warm_preload=("torch", "transformers", "sqlalchemy", "sqlalchemy.orm", "psutil", "filelock", "huggingface_hub", "safetensors", "psycopg"),
+    warm_preload=(
+        "torch", "transformers", "sqlalchemy", "sqlalchemy.orm", "psutil", "filelock", "huggingface_hub", "safetensors",
+        "psycopg",
+    ),
     database_metadata=Base.metadata,
     trees=("unit", "services", "integration"),
     python_path=(TESTS.parent, TESTS),

@@ -2,7 +2,8 @@
 
 An integration run with ``--ml-record=once|rewrite`` records every model call that a service
 makes on a real model — each input (a text, or a pair of texts) in, the raw model output out —
-into one JSON cassette per test module; the model's ``ModelCall`` declaration says how. In every run the fake models replay a recorded output where the cassettes hold
+into one JSON cassette per test module; the model's ``ModelCall`` declaration says how. In every
+run the fake models replay a recorded output where the cassettes hold
 that text, and fall back to their deterministic made-up output otherwise; under
 ``--ml-replay=strict`` a text that no current cassette holds fails the test instead
 (:class:`CassetteMissError`, in the manner of VCR's "can't overwrite existing cassette").

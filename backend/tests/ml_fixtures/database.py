@@ -145,7 +145,8 @@ class ThrowawayPostgres(contextlib.AbstractContextManager):
         try:
             self._run(_postgres_bin("initdb"), "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--no-sync")
             options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
-            self._run(_postgres_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.base / "server.log"), "-w", "start")
+            log = str(self.base / "server.log")
+            self._run(_postgres_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
         except BaseException:
             shutil.rmtree(self.base, ignore_errors=True)
             raise

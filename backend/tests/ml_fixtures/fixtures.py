@@ -28,7 +28,9 @@ def cached_model_fixture(spec: ModelSpec):
     def cached(request: pytest.FixtureRequest) -> LoadedModel:
         return ml_models(request.config).cached(request, spec)
 
-    cached.__doc__ = f"Real {spec.model_name} ``(model, tokenizer, device)`` from the pool; ``(None, None, None)`` if unavailable."
+    cached.__doc__ = (
+        f"Real {spec.model_name} ``(model, tokenizer, device)`` from the pool; ``(None, None, None)`` if unavailable."
+    )
     return pytest.fixture(scope=cached_fixture_scope, name=spec.cached_fixture)(cached)
 
 

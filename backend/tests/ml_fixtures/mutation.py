@@ -373,17 +373,22 @@ class _Hooks:
         self.handles = sys.modules["torch"].utils.hooks.RemovableHandle
         self.mark = self.handles.next_id
         self.places = [(f"{name} ({label})", vars(m), key) for name, m in modules for key, label in HOOKS.items()]
-        self.places += [(f"{name} (tensor {key.strip('_').replace('_', ' ')})", t, key) for name, t in tensors for key in self.TENSOR_HOOKS]
+        self.places += [
+            (f"{name} (tensor {key.strip('_').replace('_', ' ')})", t, key) for name, t in tensors for key in self.TENSOR_HOOKS
+        ]
         self.state = self._state(self.places)
         self.loaded = [(place, keys) for place, keys in zip(self.places, self.state) if keys]
 
     @staticmethod
     def _state(places: list[tuple[str, Any, str]]) -> list[tuple]:
-        return [tuple((owner.get(key) if isinstance(owner, dict) else getattr(owner, key, None)) or ()) for _, owner, key in places]
+        return [
+            tuple((owner.get(key) if isinstance(owner, dict) else getattr(owner, key, None)) or ()) for _, owner, key in places
+        ]
 
     def changed(self) -> list[str]:
         """The modules and tensors whose hooks differ, e.g. ``model.bert (forward hook)``."""
-        if self.handles.next_id == self.mark and self._state([place for place, _ in self.loaded]) == [keys for _, keys in self.loaded]:
+        unchanged = self._state([place for place, _ in self.loaded]) == [keys for _, keys in self.loaded]
+        if self.handles.next_id == self.mark and unchanged:
             return []
         changed = [place[0] for place, now, then in zip(self.places, self._state(self.places), self.state) if now != then]
         if not changed:
@@ -450,7 +455,9 @@ class _Backend:
     """
 
     COMPONENTS = ("normalizer", "pre_tokenizer", "post_processor", "decoder")
-    MODEL_SETTINGS = ("unk_token", "continuing_subword_prefix", "max_input_chars_per_word", "dropout", "fuse_unk", "byte_fallback")
+    MODEL_SETTINGS = (
+        "unk_token", "continuing_subword_prefix", "max_input_chars_per_word", "dropout", "fuse_unk", "byte_fallback",
+    )
 
     @staticmethod
     def applies(tokenizer: Any) -> bool:
@@ -560,7 +567,9 @@ class GlobalHooks:
 
     def __init__(self):
         self.module = sys.modules["torch"].nn.modules.module
-        self.names = [name for name, value in vars(self.module).items() if name.startswith("_global_") and isinstance(value, dict)]
+        self.names = [
+            name for name, value in vars(self.module).items() if name.startswith("_global_") and isinstance(value, dict)
+        ]
         self.copies = [OrderedDict(getattr(self.module, name)) for name in self.names]
         self.full_backward = self.module._global_is_full_backward_hook
 
@@ -612,7 +621,11 @@ class _Samples:
                     self.cell_owners.append(i)
                     self.cells.append((ctypes.c_uint8 * size).from_address(address))
         self.regions = [
-            (np.frombuffer((ctypes.c_uint8 * (m.end - m.start)).from_address(m.start), np.uint8), np.array(offsets), np.array(owners))
+            (
+                np.frombuffer((ctypes.c_uint8 * (m.end - m.start)).from_address(m.start), np.uint8),
+                np.array(offsets),
+                np.array(owners),
+            )
             for m, (offsets, owners) in regions.items()
         ]
         self.values = self.read()
@@ -624,7 +637,8 @@ class _Samples:
         now, found = self.read(), set()
         for (_, _, owners), after, before in zip(self.regions, now, self.values):
             found.update(owners[self.np.flatnonzero(after != before)].tolist())
-        found.update(i for i, after, before in zip(self.cell_owners, now[len(self.regions) :], self.values[len(self.regions) :]) if after != before)
+        cells_now, cells_then = now[len(self.regions) :], self.values[len(self.regions) :]
+        found.update(i for i, after, before in zip(self.cell_owners, cells_now, cells_then) if after != before)
         return sorted(found)
 
 
@@ -652,7 +666,11 @@ def restore_in_place(snapshot: ModelSnapshot, fresh: Any) -> None:
         vars(old).update(new_state)
         vars(new).clear()
         vars(new).update(old_state)
-    for side, counterpart in (([old for old, _ in pairs], {id(new): old for old, new in pairs}), ([new for _, new in pairs], {id(old): new for old, new in pairs})):
+    sides = (
+        ([old for old, _ in pairs], {id(new): old for old, new in pairs}),
+        ([new for _, new in pairs], {id(old): new for old, new in pairs}),
+    )
+    for side, counterpart in sides:
         _point_at(side, counterpart)
 
 

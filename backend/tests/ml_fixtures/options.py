@@ -194,11 +194,11 @@ class Settings:
 
     @classmethod
     def from_config(cls, config: pytest.Config, default_cassette_dir: Path) -> Settings:
-        device = config.getoption("ml_device")
+        device, max_memory = config.getoption("ml_device"), config.getoption("ml_max_memory")
         return cls(
             scope=ModelScope.parse(config.getoption("ml_model_scope"), "--ml-model-scope"),
             memory_budget=parse_size(config.getoption("ml_model_memory_budget")),
-            max_memory=None if config.getoption("ml_max_memory") is None else parse_size(config.getoption("ml_max_memory"), "--ml-max-memory"),
+            max_memory=None if max_memory is None else parse_size(max_memory, "--ml-max-memory"),
             report_path=config.getoption("ml_model_report"),
             device=None if device == "auto" else device,
             dtype=None if config.getoption("ml_quantize") == "none" else config.getoption("ml_quantize"),

@@ -116,7 +116,9 @@ def test_a_declared_model_without_its_fixtures_is_named(ml_tree):
     ml_tree.write("unit/test_any.py", "def test_any():\n    pass\n")
     result = ml_tree.run()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*declared models without their fixtures*", "*rerank_model_copy = model_copy_fixture(<the ModelSpec named 'rerank'>)"])
+    result.stderr.fnmatch_lines(
+        ["*declared models without their fixtures*", "*rerank_model_copy = model_copy_fixture(<the ModelSpec named 'rerank'>)"]
+    )
 
 
 class Service:
@@ -298,6 +300,7 @@ def test_the_library_copied_into_another_project_runs_its_declared_model(pyteste
     result.stdout.fnmatch_lines(
         [
             "real model loads: 1, *",
-            "*outside the integration tree: tests/integration/test_embedding_real.py::test_marked_runs_on_the_real_model loaded sentence-transformers/all-MiniLM-L6-v2*",
+            "*outside the integration tree: tests/integration/test_embedding_real.py::test_marked_runs_on_the_real_model"
+            " loaded sentence-transformers/all-MiniLM-L6-v2*",
         ]
     )

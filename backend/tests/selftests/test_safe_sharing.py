@@ -176,7 +176,9 @@ def test_the_modification_check_passes_over_a_failure_of_its_own(ml_tree):
     )
     result = ml_tree.run()
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*its own failure*", "*- modified the shared model -*", "*modified the shared model backend/taxonomy-classifier*"])
+    result.stdout.fnmatch_lines(
+        ["*its own failure*", "*- modified the shared model -*", "*modified the shared model backend/taxonomy-classifier*"]
+    )
 
 
 BLOCKER = """
@@ -263,7 +265,8 @@ def test_strict_replay_fails_an_unrecorded_text_naming_the_cassette_and_the_comm
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
-            "*CassetteMissError: --ml-replay=strict: no current cassette holds a recorded output of BAAI/bge-m3 for 'zebra crossing'*",
+            "*CassetteMissError: --ml-replay=strict: no current cassette holds a recorded output of BAAI/bge-m3"
+            " for 'zebra crossing'*",
             f"*Cassette of this test: {directory}/unit/test_strict.json (not recorded yet)",
             "*pytest unit/test_strict.py::test_unrecorded --ml-record=once",
         ]

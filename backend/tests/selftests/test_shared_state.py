@@ -5,6 +5,7 @@ loaded, in the same objects. Honest use and private copies are never flagged."""
 import os
 
 import pytest
+
 from ml_fixtures import mutation, pages
 
 HELD_STATE = """
@@ -51,7 +52,8 @@ HELD_STATE = """
     @pytest.fixture
     def as_loaded(held, ml_classification_model_cached, sparse_embedding_model_cached, test_db):
         model, tokenizer, config, wrapper = held
-        assert (model, tokenizer, wrapper) == (ml_classification_model_cached.model, ml_classification_model_cached.tokenizer, sparse_embedding_model_cached.model)
+        classifier, sparse = ml_classification_model_cached, sparse_embedding_model_cached
+        assert (model, tokenizer, wrapper) == (classifier.model, classifier.tokenizer, sparse.model)
         assert model.config is config and model.bert.config is config and wrapper.model.tokenizer is wrapper.tokenizer
         assert state(held) == AT_LOAD
         assert MLClassificationService(test_db).predict("The striker scored a goal").top.label == "sports"
@@ -245,7 +247,8 @@ def test_a_write_found_at_the_end_of_the_module_names_the_tests_since_the_last_c
 
         @pytest.mark.use_real_models
         def test_next_module(sparse_embedding_model_cached):
-            assert float(sparse_embedding_model_cached.model.model.model.encoder.layer[0].attention.self.query.weight[3, 7]) != 0.5
+            query = sparse_embedding_model_cached.model.model.model.encoder.layer[0].attention.self.query
+            assert float(query.weight[3, 7]) != 0.5
         """,
     )
     result = ml_tree.run()
@@ -330,7 +333,8 @@ def test_pagemap_scan_and_pagemap_entries_agree(classifier):
     assert sum(end - start for start, end in found) == 4 * pages.PAGE
     names = fresh.tensor_names
     for snapshot in snapshots:
-        assert snapshot.mapped.written() == ([names.index("model.bert.embeddings.word_embeddings.weight"), names.index("model.classifier.bias")], [])
+        written = [names.index("model.bert.embeddings.word_embeddings.weight"), names.index("model.classifier.bias")]
+        assert snapshot.mapped.written() == (written, [])
     for element, value in zip(elements, loaded):
         embeddings.data[element] = value  # the bytes of the file again, on pages that stay copies
     for snapshot in snapshots:
@@ -343,6 +347,7 @@ def test_pagemap_scan_and_pagemap_entries_agree(classifier):
 
 def test_under_int8_the_packed_weights_and_the_mapped_rest_are_checked():
     import torch
+
     from app.ml import loading
 
     loaded = loading.load_classification_model(device="cpu", dtype="int8")

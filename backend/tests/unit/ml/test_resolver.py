@@ -84,7 +84,8 @@ def test_int8_runs_on_the_cpu():
 
 def test_a_saved_model_comes_before_the_cache(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    assert resolve_model_path(ModelSource("acme/encoder", "ACME_MODEL_PATH", ("config.json",), saved=lambda: tmp_path)) == tmp_path
+    source = ModelSource("acme/encoder", "ACME_MODEL_PATH", ("config.json",), saved=lambda: tmp_path)
+    assert resolve_model_path(source) == tmp_path
 
 
 def test_the_classifier_looks_in_the_models_dir(tmp_path, monkeypatch):
