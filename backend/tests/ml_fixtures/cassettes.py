@@ -157,7 +157,12 @@ class Cassettes:
         return index
 
     def stale(self, specs: tuple[ModelSpec, ...]) -> list[str]:
-        """Cassettes recorded from another version of a model than the one in use (re-recorded ones excepted)."""
+        """Cassettes recorded from another version of a model than the one in use (re-recorded ones excepted).
+
+        Only the models this run replayed or recorded count: looking up another's fingerprint (the
+        Hugging Face cache included) would cost a run that used none of them its time.
+        """
+        specs = tuple(spec for spec in specs if spec.model_name in self._fingerprints)
         return [
             f"{path.relative_to(self.directory)} ({spec.model_name})"
             for path, cassette in self._all().items()

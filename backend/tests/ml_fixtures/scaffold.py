@@ -24,7 +24,7 @@ def lay_out(root: Path, project: Project) -> None:
     """
     (root / "pytest.ini").write_text(
         f"[pytest]\npythonpath = {' '.join(python_path(project))}\n"
-        f"addopts = -p {__package__}.plugin --strict-markers -p no:cacheprovider\n"
+        f"addopts = -p {__package__}.plugin -p no:postgresql --strict-markers -p no:cacheprovider\n"
     )
     shutil.copy(project.tests_dir / "conftest.py", root / "conftest.py")
     for tree in project.trees:
