@@ -304,3 +304,30 @@ def test_the_library_copied_into_another_project_runs_its_declared_model(pyteste
             " loaded sentence-transformers/all-MiniLM-L6-v2*",
         ]
     )
+
+
+def test_an_in_process_run_leaves_nothing_behind(ml_tree, monkeypatch, tmp_path):
+    """The plugin's process-wide changes (environment, build loggers) are undone with ``config.add_cleanup``."""
+    import logging
+    import os
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    ml_tree.write(
+        "unit/test_inside.py",
+        """
+        import logging, os
+
+        def test_inside():
+            assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["ML_MODEL_CACHE_DIR"].endswith("elsewhere")
+            assert logging.getLogger("app.ml").level == logging.INFO
+        """,
+    )
+    logger = logging.getLogger("app.ml")
+    def environment():  # less pytest's own PYTEST_CURRENT_TEST, which the inner run removes at its end
+        return {name: value for name, value in os.environ.items() if name != "PYTEST_CURRENT_TEST"}
+
+    before, logging_state = environment(), (logger.level, list(logger.handlers))
+    ml_tree.run(f"--ml-model-cache-dir={tmp_path / 'elsewhere'}").assert_outcomes(passed=1)
+    assert environment() == before
+    assert (logger.level, list(logger.handlers)) == logging_state
