@@ -909,6 +909,8 @@ def cmdline_main(config, environment_defaults: dict[str, str] | None = None) -> 
 def _xdist_options(config) -> str | None:
     """The options (parsed, from the command line or the ini's addopts) that make this an xdist run."""
     option = config.option
+    if getattr(option, "collectonly", False):
+        return None  # xdist's own rule: collection alone runs in one process
     workers = getattr(option, "numprocesses", None)
     if workers in ("auto", "logical") and getattr(option, "usepdb", False):
         workers = 0  # xdist's own rule: -n auto with --pdb runs in one process

@@ -380,6 +380,7 @@ def test_only_local_popen_workers_fork_from_the_server(spec, forkable):
         ([], "-n 2", "-n 2"),
         (["-n", "0"], "", None),
         (["-n", "auto", "--pdb"], "", None),
+        (["-n", "2", "--collect-only"], "", None),
         (["--dist", "loadgroup"], "", None),
     ],
 )
