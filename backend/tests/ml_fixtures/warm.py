@@ -17,6 +17,11 @@ What cannot be re-applied in a forked process (what the interpreter and the prel
 read once, at start-up or import: see :data:`IMPORT_TIME_PREFIXES`) is part of the server's
 identity: a caller with other values gets a server of its own (one socket per identity).
 
+Under xdist (``--ml-warm -n N``) the caller stays xdist's controller and its workers are the
+server's children: each worker's gateway spec runs this file as ``worker`` in place of execnet's
+``python -u -c <bootstrap>``, and that launcher has the server fork a child that becomes that
+interpreter and runs the bootstrap (:class:`WarmWorkers`, :func:`launch_worker`).
+
 The server is one thread around a selector: a client that sends nothing, or vanishes at any point,
 delays and harms no other. It exits when its socket file is removed or replaced, after
 ``$ML_WARM_IDLE_S`` seconds without a request (default 1800), or on ``--ml-warm-stop``; runs in
