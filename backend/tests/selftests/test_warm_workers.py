@@ -9,6 +9,7 @@ preloads torch and transformers."""
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -253,11 +254,13 @@ def test_warm_workers_run_torch_inference_on_their_thread_budget(ml_tree, monkey
     Path(tree.env["PROBE_DIR"]).mkdir()
     cpus = usable_cpus()
     try:
-        runs = [(workers, tree.run("-n", str(workers), "--ml-warm", BUDGET=str(max(1, cpus // workers)))) for workers in (1, 2)]
-        server = started_pid(runs[0][1].stderr)
+        with ThreadPoolExecutor(2) as pool:  # both at once: one starts the server, the other waits for it
+            runs = list(zip((1, 2), pool.map(lambda n: tree.run("-n", str(n), "--ml-warm", BUDGET=str(max(1, cpus // n))), (1, 2))))
+        servers = tree.server_pids()
     finally:
         warm.stop()
+    assert len(servers) == 1 and sum("starting a warm server" in done.stderr for _, done in runs) == 1
     for workers, done in runs:  # not -q: the header has the budget
         assert done.returncode == 0 and " 2 passed in " in done.stdout, done.stdout + done.stderr
         assert f"ml-models: {workers} xdist workers × {max(1, cpus // workers)} torch thread" in done.stdout
-    assert parents(tree) == {server}
+    assert parents(tree) == set(servers)
