@@ -17,6 +17,11 @@ What cannot be re-applied in a forked process (what the interpreter and the prel
 read once, at start-up or import: see :data:`IMPORT_TIME_PREFIXES`) is part of the server's
 identity: a caller with other values gets a server of its own (one socket per identity).
 
+Under xdist (``--ml-warm -n N``) the caller stays xdist's controller and its workers are the
+server's children: each worker's gateway spec runs this file as ``worker`` in place of execnet's
+``python -u -c <bootstrap>``, and that launcher has the server fork a child that becomes that
+interpreter and runs the bootstrap (:class:`WarmWorkers`, :func:`launch_worker`).
+
 The server is one thread around a selector: a client that sends nothing, or vanishes at any point,
 delays and harms no other. It exits when its socket file is removed or replaced, after
 ``$ML_WARM_IDLE_S`` seconds without a request (default 1800), or on ``--ml-warm-stop``; runs in
@@ -35,6 +40,7 @@ filelock, so that concurrent first runs start one server.
 from __future__ import annotations
 
 import atexit
+import builtins
 import contextlib
 import dataclasses
 import gc
@@ -42,12 +48,14 @@ import hashlib
 import importlib
 import importlib.machinery
 import importlib.util
+import io
 import json
 import marshal
 import os
 import re
 import resource
 import selectors
+import shlex
 import signal
 import socket
 import struct
@@ -532,7 +540,7 @@ class Server:
     def _handle(self, conn: socket.socket, request: dict, fds: list[int]) -> None:
         self.last_activity = time.monotonic()
         op = request.get("op")
-        if op == "run" and request.get("server") == self.server_id and len(fds) == 3:
+        if op == "run" and request.get("server") == self.server_id and len(fds) == 3 and request.get("entry") in ENTRIES:
             self._fork(conn, request, fds)
             return
         if op == "stop":
@@ -542,8 +550,10 @@ class Server:
             reply = {"ready": os.getpid(), "server": self.server_id}
         elif op == "run" and request.get("server") != self.server_id:
             reply = {"retry": "the warm server was replaced meanwhile"}
-        elif op == "run":
+        elif op == "run" and len(fds) != 3:
             reply = {"refused": "a run needs the caller's stdin, stdout and stderr"}
+        elif op == "run":
+            reply = {"refused": f"unknown entry {request.get('entry')!r}"}
         else:
             reply = {"refused": f"unknown request {op!r}"}
         _send_quietly(conn, reply)
@@ -709,9 +719,7 @@ def _become(caller: dict, fds: list[int], environment_added: dict[str, str]) -> 
     for fd in fds:
         if fd > 2:
             os.close(fd)
-    # As the interpreter sets its stdout up at start: line-buffered on a terminal.
-    if not sys.stdout.write_through:
-        sys.stdout.reconfigure(line_buffering=os.isatty(1))
+    _standard_streams(caller["unbuffered"])
     os.umask(caller["umask"])
     os.chdir(caller["cwd"])
     os.environ.clear()
@@ -742,6 +750,28 @@ def _become(caller: dict, fds: list[int], environment_added: dict[str, str]) -> 
     signal.pthread_sigmask(signal.SIG_SETMASK, caller["signal_mask"])
 
 
+def _standard_streams(unbuffered: bool) -> None:
+    """``sys.stdin``, ``sys.stdout`` and ``sys.stderr`` on fds 0-2 as the interpreter opens them at
+    start (CPython's ``create_stdio``): line-buffered on a terminal (stderr always), or with ``-u``
+    unbuffered and written through."""
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        old = getattr(sys, name)
+        mode = "r" if fd == 0 else "w"
+        binary = open(fd, mode + "b", 0 if unbuffered and mode == "w" else -1, closefd=False)
+        raw = getattr(binary, "raw", binary)
+        stream = io.TextIOWrapper(
+            binary,
+            encoding=old.encoding,
+            errors=old.errors,
+            newline="\n",
+            line_buffering=not unbuffered and (raw.isatty() or fd == 2),
+            write_through=unbuffered,
+        )
+        stream.mode = mode
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+
+
 def _reseed() -> None:
     """The global generators as a new process has them: seeded from the OS (fork copied the server's)."""
     import random
@@ -754,10 +784,18 @@ def _reseed() -> None:
 
 
 def _main_module(main: dict) -> types.ModuleType:
+    """A ``__main__`` as the interpreter makes it (``python -c``: no file, no spec, the builtin importer as loader)."""
     module = types.ModuleType("__main__")
+    module.__annotations__, module.__builtins__ = {}, builtins
+    module.__spec__ = importlib.util.find_spec(main["spec"]) if main["spec"] else None
+    if module.__spec__ is not None:
+        module.__loader__ = module.__spec__.loader
+    elif main["file"] is not None:
+        module.__loader__ = importlib.machinery.SourceFileLoader("__main__", main["file"])
+    else:
+        module.__loader__ = importlib.machinery.BuiltinImporter
     if main["file"] is not None:
         module.__file__ = main["file"]
-    module.__spec__ = importlib.util.find_spec(main["spec"]) if main["spec"] else None
     return module
 
 
@@ -804,8 +842,16 @@ def _run_pytest(request: dict) -> int:
         return 1
 
 
-#: What a child may run. A forked xdist worker (execnet's bootstrap on the passed streams) can join.
-ENTRIES = {"pytest": _run_pytest}
+def _run_code(request: dict) -> int:
+    """What ``python -c CODE`` does: CODE (``args[0]``) run in the fresh ``__main__``. An xdist
+    worker: CODE is execnet's bootstrap, which reads the gateway from stdin and serves it."""
+    main = sys.modules["__main__"]
+    exec(compile(request["args"][0], "<string>", "exec"), main.__dict__)
+    return 0
+
+
+#: What a child may run: a pytest session, or an xdist worker's interpreter (see :func:`launch_worker`).
+ENTRIES = {"pytest": _run_pytest, "python -c": _run_code}
 
 
 def _exit_as_python(main) -> None:
@@ -854,8 +900,8 @@ def cmdline_main(config, environment_defaults: dict[str, str] | None = None) -> 
         return None  # a warm child, an xdist worker: run here
     xdist = _xdist_options(config)
     if xdist:
-        say(f"{xdist}: xdist workers cannot fork from the warm server; running cold")
-        return None
+        _fork_workers(config, xdist, environment_defaults)
+        return None  # this process is the controller; its workers come from the server
     capture = config.pluginmanager.getplugin("capturemanager")
     if capture is not None:
         capture.suspend_global_capture(in_=True)  # fds 0-2 are the caller's own again
@@ -868,6 +914,8 @@ def cmdline_main(config, environment_defaults: dict[str, str] | None = None) -> 
 def _xdist_options(config) -> str | None:
     """The options (parsed, from the command line or the ini's addopts) that make this an xdist run."""
     option = config.option
+    if getattr(option, "collectonly", False):
+        return None  # xdist's own rule: collection alone runs in one process
     workers = getattr(option, "numprocesses", None)
     if workers in ("auto", "logical") and getattr(option, "usepdb", False):
         workers = 0  # xdist's own rule: -n auto with --pdb runs in one process
@@ -907,9 +955,17 @@ def _caller_state(config) -> dict:
         "argv": list(sys.argv),
         "orig_argv": list(sys.orig_argv),
         "cwd": str(config.invocation_params.dir),
-        "environ": dict(os.environ),
         "path": _start_path(config),
         "main": {"file": getattr(main, "__file__", None), "spec": getattr(spec, "name", None)},
+        "unbuffered": bool(getattr(sys.__stdout__, "write_through", False)),  # -u or PYTHONUNBUFFERED
+        **_process_state(),
+    }
+
+
+def _process_state() -> dict:
+    """What a process started from this one inherits, or takes from its environment at start."""
+    return {
+        "environ": dict(os.environ),
         "warnoptions": list(sys.warnoptions),
         "filters": _filters_out(),
         "umask": _umask(),
@@ -930,6 +986,15 @@ def run(caller: dict, args: list[str], environment_defaults: dict[str, str] | No
         return 2
 
 
+def _check(manifest: Manifest, identity: Identity) -> None:
+    """Whether this process's run can be forked from the server of ``manifest`` (Unavailable if not)."""
+    if manifest.identity != identity.settings:
+        raise Unavailable(f"the warm server cannot take this interpreter's settings ({identity.difference(manifest.identity)})")
+    shadow = manifest.shadowed(list(sys.path))
+    if shadow:
+        raise Unavailable(shadow)
+
+
 def _run(caller: dict, args: list[str], environment_defaults: dict[str, str] | None) -> int | None:
     identity = Identity.of_this_process(environment_defaults)
     try:
@@ -937,11 +1002,7 @@ def _run(caller: dict, args: list[str], environment_defaults: dict[str, str] | N
         unreachable = None
         for _ in range(3):
             manifest = _current_server(files, identity, environment_defaults, unreachable)
-            if manifest.identity != identity.settings:
-                raise Unavailable(f"the warm server cannot take this interpreter's settings ({identity.difference(manifest.identity)})")
-            shadow = manifest.shadowed(list(sys.path))
-            if shadow:
-                raise Unavailable(shadow)
+            _check(manifest, identity)
             request = {"op": "run", "server": manifest.server_id, "entry": "pytest", "args": args, "caller": caller}
             for stream in (sys.stdout, sys.stderr):
                 stream.flush()
@@ -963,6 +1024,146 @@ def _run(caller: dict, args: list[str], environment_defaults: dict[str, str] | N
         say(f"{reply.get('cold') or reply.get('refused') or reply}; running cold")
         return None
     return _follow(conn, reply["started"], set(caller["ignored_signals"]))
+
+
+# ---------------------------------------------------------------- xdist workers
+
+
+def _fork_workers(config, xdist: str, defaults: dict[str, str] | None) -> None:
+    """An xdist run under ``--ml-warm``: make sure a current server runs for this caller (as a
+    single warm run would), then have xdist start its local workers through :func:`launch_worker`
+    (:class:`WarmWorkers`); otherwise one line says why and the workers start cold."""
+    if xdist == "--looponfail":
+        say("--looponfail: its workers cannot fork from the warm server; running cold")
+        return
+    if getattr(config.option, "numprocesses", None) is None and not any(map(_forkable, config.option.tx)):
+        say(f"--tx {' '.join(config.option.tx)}: only local popen workers fork from the warm server; running cold")
+        return
+    identity = Identity.of_this_process(defaults)
+    try:
+        files = ServerFiles(_private_dir(), identity.key)
+        unreachable = None
+        for _ in range(3):
+            manifest = _current_server(files, identity, defaults, unreachable)
+            _check(manifest, identity)
+            try:
+                if _ping(files.socket).get("server") == manifest.server_id:
+                    break
+            except (FileNotFoundError, ConnectionRefusedError):
+                unreachable = manifest.server_id  # dead: the next round starts one
+        else:
+            raise Unavailable("the warm server kept changing")
+        plugin = WarmWorkers(files, defaults or {})
+    except (Unavailable, OSError) as exc:
+        say(f"{exc}; xdist workers start cold")
+        return
+    config.pluginmanager.register(plugin, "ml-warm-workers")
+
+
+def _forkable(spec: str) -> bool:
+    """A gateway spec (``[N*]popen...``) whose worker xdist starts here in a fresh ``python -u -c``."""
+    from execnet import XSpec
+
+    parsed = XSpec(spec.partition("*")[2] if spec.partition("*")[0].isdigit() else spec)
+    return bool(parsed.popen) and not (parsed.python or parsed.via or parsed.dont_write_bytecode)
+
+
+class WarmWorkers:
+    """On an xdist controller under ``--ml-warm`` (registered as ``ml-warm-workers``): each local
+    worker's gateway spec gets ``python=`` this file's launcher (``warm.py worker ...``, run by execnet
+    in place of ``python``), which has the warm server fork the worker; restarted workers
+    (``--max-worker-restart``) reuse the spec. A launcher that the server cannot serve starts a cold
+    worker instead and notes why in a file of this run: this controller says each reason once."""
+
+    def __init__(self, files: ServerFiles, defaults: dict[str, str]):
+        self.notes = files.directory / f"workers-{os.getpid()}-{time.time_ns()}.cold"
+        assignments = [f"{name}={value}" for name, value in defaults.items()]
+        self.launcher = shlex.join([sys.executable, os.path.abspath(__file__), "worker", str(files.socket), str(self.notes), *assignments])
+        self.said: set[str] = set()
+
+    def pytest_configure(self, config) -> None:
+        """After xdist's ``pytest_cmdline_main`` turned ``-n N`` into N ``popen`` specs, before its session reads them."""
+        config.add_cleanup(lambda: self.notes.unlink(missing_ok=True))
+        if "//" in self.launcher:  # a gateway spec cannot hold it
+            say(f"the launcher's command line contains '//' ({self.launcher}); xdist workers start cold")
+            return
+        from xdist.workermanage import parse_tx_spec_config
+
+        config.option.tx = [f"{spec}//python={self.launcher}" if _forkable(spec) else spec for spec in parse_tx_spec_config(config)]
+
+    def pytest_xdist_newgateway(self, gateway) -> None:
+        """The launcher has forked (or exec'd a cold worker, having noted why) before the gateway answers."""
+        try:
+            reasons = self.notes.read_text().splitlines()
+        except FileNotFoundError:
+            return
+        for reason in reasons:
+            if reason not in self.said:
+                self.said.add(reason)
+                say(f"{reason}; xdist workers start cold")
+
+
+def launch_worker(argv: list[str]) -> None:
+    """``warm.py worker SOCKET NOTES [NAME=VALUE...] -u -c CODE``: execnet's ``python -u -c CODE``
+    for an xdist worker (:class:`WarmWorkers`), forked from the warm server at SOCKET. Started in
+    place of that interpreter, this process is what the worker would be (its streams, directory,
+    environment, limits, signals), so it sends its own state; then it follows the worker as
+    :func:`run`'s caller follows a run. A worker the server cannot take is exec'd here cold, the
+    reason appended to NOTES. NAME=VALUE: the defaults of the controller's server identity."""
+    split = next((i for i, arg in enumerate(argv) if arg.startswith("-")), len(argv))
+    (socket_path, notes, *assignments), python_args = argv[:split], argv[split:]
+    try:
+        conn, child = _start_worker(Path(socket_path), dict(a.split("=", 1) for a in assignments), python_args)
+    except Exception as exc:  # whatever it is, the worker starts
+        reason = str(exc) if isinstance(exc, Unavailable) else f"the warm worker launcher failed: {type(exc).__name__}: {exc}"
+        with contextlib.suppress(OSError):
+            descriptor = os.open(notes, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.write(descriptor, f"{reason}\n".encode())
+            os.close(descriptor)
+        os.execv(sys.executable, [sys.executable, *python_args])
+    # The worker has execnet's pipes now: when it ends, they close, whatever this process does.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    ignored = {s for s in signal.valid_signals() if signal.getsignal(s) == signal.SIG_IGN}
+    os._exit(_follow(conn, child, ignored))
+
+
+def _start_worker(path: Path, defaults: dict[str, str], python_args: list[str]) -> tuple[socket.socket, int]:
+    """Have the server at ``path`` fork ``python <python_args>``: the connection and the child's pid."""
+    unbuffered = python_args[:1] == ["-u"]
+    code_args = python_args[1:] if unbuffered else python_args
+    if len(code_args) != 2 or code_args[0] != "-c":
+        raise Unavailable(f"execnet asked for interpreter options the launcher does not take: {python_args[:-1]}")
+    manifest = Manifest.read(ServerFiles.from_socket(path).manifest)
+    if manifest is None:
+        raise Unavailable(f"no warm server at {path}")
+    changed = manifest.changed()
+    if changed:
+        raise Unavailable(f"the warm server is out of date: {changed}")
+    identity = Identity.of_this_process(defaults)
+    if manifest.identity != identity.settings:
+        raise Unavailable(f"the warm server cannot take the workers' settings ({identity.difference(manifest.identity)})")
+    state = {
+        "argv": ["-c"],
+        "orig_argv": [sys.executable, *python_args],
+        "cwd": os.getcwd(),
+        # python -c puts '' where a script's directory (this file's) goes.
+        "path": list(sys.path) if sys.flags.safe_path else ["", *sys.path[1:]],
+        "main": {"file": None, "spec": None},
+        "unbuffered": unbuffered or bool(getattr(sys.__stdout__, "write_through", False)),
+        **_process_state(),
+    }
+    request = {"op": "run", "server": manifest.server_id, "entry": "python -c", "args": code_args[1:], "caller": state}
+    try:
+        conn, reply = _request(path, request, fds=[0, 1, 2], timeout=HANDSHAKE_TIMEOUT_S * 3)
+    except OSError as exc:
+        raise Unavailable(f"cannot reach the warm server: {exc}") from exc
+    if "started" not in reply:
+        conn.close()
+        raise Unavailable(reply.get("cold") or reply.get("refused") or reply.get("retry") or str(reply))
+    return conn, reply["started"]
 
 
 def _connect(path: Path, timeout: float | None) -> socket.socket:
@@ -1069,14 +1270,16 @@ def start_server(path: Path, environ: dict[str, str] | None = None) -> subproces
 
 def _wait_ready(files: ServerFiles, process: subprocess.Popen) -> Manifest:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not files.socket.exists():  # it binds the socket before its imports
+    while True:  # it binds and listens before its imports: until it listens, a connection is refused
         if process.poll() is not None or time.monotonic() > deadline:
             raise Unavailable(f"the warm server did not start (see {files.log})")
-        time.sleep(0.01)
-    try:
-        _ping(files.socket)
-    except (OSError, Unavailable) as exc:
-        raise Unavailable(f"the warm server did not start: {exc} (see {files.log})") from exc
+        try:
+            _ping(files.socket)
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            time.sleep(0.01)
+        except (OSError, Unavailable) as exc:
+            raise Unavailable(f"the warm server did not start: {exc} (see {files.log})") from exc
     manifest = Manifest.read(files.manifest)
     if manifest is None:
         raise Unavailable(f"the warm server wrote no manifest (see {files.log})")
@@ -1161,7 +1364,9 @@ def stop() -> int:
     return 0
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["serve"]:
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    launch_worker(sys.argv[2:])
+elif __name__ == "__main__" and sys.argv[1:2] == ["serve"]:
     # Run as a script: sys.path[0] is this directory; drop it, so that nothing of the repository is importable.
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     preload = os.environ.get("ML_WARM_PRELOAD")

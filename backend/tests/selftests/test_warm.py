@@ -2,10 +2,11 @@
 signals, Ctrl-Z and crashes end a warm run as they end a cold one; the debugger and input() read
 the caller's stdin, on a pipe and on a terminal; the server refuses other users and survives any
 client (vanishing, silent, concurrent, killed), exits when idle or when its socket goes, and gets
-a sibling for other import-time settings; xdist and usage errors come through as cold. Real
-processes throughout: the server and its children are the claim. The servers here preload
-SQLAlchemy only (fast to start); the cold/warm probes that need torch are in test_warm_parity.py.
-Most tests share the module's one server (``shared_warm_tree``)."""
+a sibling for other import-time settings; usage errors come through as cold. Real processes
+throughout: the server and its children are the claim. The servers here preload SQLAlchemy only
+(fast to start); the cold/warm probes that need torch are in test_warm_parity.py, xdist workers
+forked from the server in test_warm_workers.py. Most tests share the module's one server
+(``shared_warm_tree``)."""
 
 import os
 import pty
@@ -352,13 +353,23 @@ def test_a_server_exits_when_idle_or_when_its_socket_is_removed_or_replaced(tmp_
     other.close()
 
 
-def test_xdist_runs_cold_and_says_so_once(warm_tree):
-    warm_tree.tree.write("unit/test_ok.py", "def test_ok():\n    pass\n")
-    done = warm_tree.run("-q", "--ml-warm", "-n", "1")
-    assert done.returncode == 0 and summary(done.stdout) == "1 passed"
-    line = "ml-warm: -n 1: xdist workers cannot fork from the warm server; running cold"
-    assert (done.stdout + done.stderr).count(line) == 1  # not again from the worker
-    assert not list(warm_tree.warm_dir.glob("server-*"))
+@pytest.mark.parametrize(
+    "spec, forkable",
+    [
+        ("popen", True),
+        ("3*popen", True),
+        ("popen//chdir=elsewhere", True),
+        ("popen//python=python3.12", False),  # the user's own interpreter
+        ("popen//dont_write_bytecode", False),
+        ("popen//via=proxy", False),
+        ("ssh=somehost", False),
+        ("socket=127.0.0.1:8888", False),
+    ],
+)
+def test_only_local_popen_workers_fork_from_the_server(spec, forkable):
+    """The workers that xdist would start here as a plain ``python -u -c`` (the others, and the
+    whole run under --tx without any, stay as they are: test_warm_workers.py runs the rest)."""
+    assert warm._forkable(spec) is forkable
 
 
 @pytest.mark.parametrize(
@@ -369,6 +380,7 @@ def test_xdist_runs_cold_and_says_so_once(warm_tree):
         ([], "-n 2", "-n 2"),
         (["-n", "0"], "", None),
         (["-n", "auto", "--pdb"], "", None),
+        (["-n", "2", "--collect-only"], "", None),
         (["--dist", "loadgroup"], "", None),
     ],
 )
