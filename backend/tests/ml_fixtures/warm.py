@@ -1078,7 +1078,8 @@ class WarmWorkers:
     def __init__(self, files: ServerFiles, defaults: dict[str, str]):
         self.notes = files.directory / f"workers-{os.getpid()}-{time.time_ns()}.cold"
         assignments = [f"{name}={value}" for name, value in defaults.items()]
-        self.launcher = shlex.join([sys.executable, os.path.abspath(__file__), "worker", str(files.socket), str(self.notes), *assignments])
+        script = os.path.abspath(__file__)
+        self.launcher = shlex.join([sys.executable, script, "worker", str(files.socket), str(self.notes), *assignments])
         self.said: set[str] = set()
 
     def pytest_configure(self, config) -> None:
@@ -1089,7 +1090,8 @@ class WarmWorkers:
             return
         from xdist.workermanage import parse_tx_spec_config
 
-        config.option.tx = [f"{spec}//python={self.launcher}" if _forkable(spec) else spec for spec in parse_tx_spec_config(config)]
+        specs = parse_tx_spec_config(config)
+        config.option.tx = [f"{spec}//python={self.launcher}" if _forkable(spec) else spec for spec in specs]
 
     def pytest_xdist_newgateway(self, gateway) -> None:
         """The launcher has forked (or exec'd a cold worker, having noted why) before the gateway answers."""

@@ -215,7 +215,9 @@ def test_sighup_and_a_crash_end_the_warm_run_as_they_end_a_cold_one(shared_warm_
     """Cold, pytest dies by SIGHUP (exit 129), or by the SIGSEGV of a crash (after faulthandler's
     traceback): so do the warm child and its caller."""
     shared_warm_tree.tree.write("unit/test_sleep.py", SLEEPER)
-    shared_warm_tree.tree.write("unit/test_crash.py", "import os, signal\n\ndef test_crash():\n    os.kill(os.getpid(), signal.SIGSEGV)\n")
+    shared_warm_tree.tree.write(
+        "unit/test_crash.py", "import os, signal\n\ndef test_crash():\n    os.kill(os.getpid(), signal.SIGSEGV)\n"
+    )
     pid_file = tmp_path / "child.pid"
     client = shared_warm_tree.start("-q", "--ml-warm", "unit/test_sleep.py", PID_FILE=str(pid_file))
     assert wait_for(pid_file.exists), "the warm run did not start"
@@ -340,7 +342,10 @@ def test_concurrent_first_runs_start_one_server_quietly(warm_tree):
 def test_a_server_exits_when_idle_or_when_its_socket_is_removed_or_replaced(tmp_path, monkeypatch):
     monkeypatch.setenv("ML_WARM_PRELOAD", "")
     paths = {why: tmp_path / f"server-{why}.sock" for why in ("idle", "removed", "replaced")}
-    servers = {why: warm.start_server(path, {**os.environ, "ML_WARM_IDLE_S": "1" if why == "idle" else "60"}) for why, path in paths.items()}
+    servers = {
+        why: warm.start_server(path, {**os.environ, "ML_WARM_IDLE_S": "1" if why == "idle" else "60"})
+        for why, path in paths.items()
+    }
     manifests = [warm.ServerFiles.from_socket(paths[why]).manifest for why in ("removed", "replaced")]
     assert wait_for(lambda: all(manifest.exists() for manifest in manifests))
     for path in (paths["removed"], paths["replaced"]):
@@ -402,7 +407,10 @@ def test_pytest_usage_errors_come_through_unchanged(shared_warm_tree):
 def test_a_warm_childs_subprocess_runs_warm_too(shared_warm_tree, tmp_path):
     """Nothing marks the environment of a warm child: a pytest --ml-warm that a test starts is a
     caller of its own, forked from the server too."""
-    shared_warm_tree.tree.write("services/inner/test_inner.py", "import os\n\ndef test_parent():\n    open(os.environ['PARENT_FILE'], 'w').write(str(os.getppid()))\n")
+    shared_warm_tree.tree.write(
+        "services/inner/test_inner.py",
+        "import os\n\ndef test_parent():\n    open(os.environ['PARENT_FILE'], 'w').write(str(os.getppid()))\n",
+    )
     shared_warm_tree.tree.write(
         "unit/test_outer.py",
         """

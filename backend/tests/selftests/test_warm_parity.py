@@ -106,7 +106,8 @@ def test_probes_give_the_same_results_cold_and_warm(ml_tree, tmp_path, monkeypat
         try:
             done = subprocess.run(
                 [*command, "--pdb", f"--ml-model-report={ml_tree.report}", "integration/test_probes.py", *args,
-                 *(["integration/test_probes_inference.py"] if inference else [])], cwd=ml_tree.root, input=KEYS, capture_output=True,
+                 *(["integration/test_probes_inference.py"] if inference else [])], cwd=ml_tree.root, input=KEYS,
+                capture_output=True,
                 text=True, timeout=300, preexec_fn=probing_state,
                 env={**env, "PROBE_OUT": str(out), "PYTHONWARNINGS": "error:warm-probe"},
             )  # fmt: skip
@@ -149,8 +150,16 @@ def test_probes_give_the_same_results_cold_and_warm(ml_tree, tmp_path, monkeypat
 
 def difference(warm_state: dict, cold_state: dict) -> dict:
     """What differs, key by key (one level into the environment)."""
-    differing = {key: (warm_state.get(key), cold_state.get(key)) for key in {*warm_state, *cold_state} if warm_state.get(key) != cold_state.get(key)}
+    differing = {
+        key: (warm_state.get(key), cold_state.get(key))
+        for key in {*warm_state, *cold_state}
+        if warm_state.get(key) != cold_state.get(key)
+    }
     if "environ" in differing:
         warm_env, cold_env = differing.pop("environ")
-        differing |= {f"${name}": (warm_env.get(name), cold_env.get(name)) for name in {*warm_env, *cold_env} if warm_env.get(name) != cold_env.get(name)}
+        differing |= {
+            f"${name}": (warm_env.get(name), cold_env.get(name))
+            for name in {*warm_env, *cold_env}
+            if warm_env.get(name) != cold_env.get(name)
+        }
     return differing

@@ -255,7 +255,10 @@ def test_warm_workers_run_torch_inference_on_their_thread_budget(ml_tree, monkey
     cpus = usable_cpus()
     try:
         with ThreadPoolExecutor(2) as pool:  # both at once: one starts the server, the other waits for it
-            runs = list(zip((1, 2), pool.map(lambda n: tree.run("-n", str(n), "--ml-warm", BUDGET=str(max(1, cpus // n))), (1, 2))))
+            def run(n):
+                return tree.run("-n", str(n), "--ml-warm", BUDGET=str(max(1, cpus // n)))
+
+            runs = list(zip((1, 2), pool.map(run, (1, 2))))
         servers = tree.server_pids()
     finally:
         warm.stop()
