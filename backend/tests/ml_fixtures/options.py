@@ -145,8 +145,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--ml-warm",
         action="store_true",
-        help="run this session in a child of a warm server that keeps torch, transformers and FlagEmbedding "
-        "imported (started on first use; same output and exit code as a cold run; not with -n)",
+        help="run this session in a child of a warm server that keeps the project's ML libraries imported "
+        "(started on first use; same output and exit code as a cold run); with -n, its xdist workers are "
+        "children of that server",
     )
     group.addoption(
         "--ml-warm-stop",
