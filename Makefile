@@ -7,7 +7,7 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test bench venv seed-scale-model test-durations
+.PHONY: test test-slow test-all bench venv seed-scale-model test-durations
 
 venv: $(STAMP)
 
@@ -33,7 +33,15 @@ $(BENCH_STAMP): requirements.txt requirements-dev.txt requirements-bench.txt
 	$(call install,$(BENCH_VENV),requirements-bench.txt,--compile-bytecode)
 
 # Bytecode on: pytest caches its assertion rewrites there, which every child process would redo.
+# `make test` is the everyday suite: all but the self-tests marked slow (pytest.ini), which
+# `make test-slow` runs; `make test-all` is both in one run (CI's shards). .ci/run runs test and test-slow.
 test: $(STAMP)
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -n auto -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: $(STAMP)
 	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(BENCH_STAMP)

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
 from ml_fixtures.options import Database
+from ml_fixtures.parallel import worker_id
 
 URL_VARIABLE = "TEST_DATABASE_URL"
 
@@ -54,7 +55,7 @@ def engine_for_run(config: pytest.Config, metadata: MetaData | None) -> Iterator
         if url is None:
             url = stack.enter_context(ThrowawayPostgres())
         if make_url(url).get_backend_name() == "postgresql":
-            url = stack.enter_context(_database_of_its_own(url))
+            url = stack.enter_context(_database_of_its_own(url, worker_id(config)))
         engine = create_engine(url)
         stack.callback(engine.dispose)
         (MetaData() if metadata is None else metadata).create_all(engine)
@@ -81,12 +82,11 @@ def session_for_test(engine: Engine | None, metadata: MetaData | None) -> Iterat
 
 
 @contextlib.contextmanager
-def _database_of_its_own(url: str) -> Iterator[str]:
+def _database_of_its_own(url: str, worker: str | None) -> Iterator[str]:
     """Create ``test_<name>`` (one per xdist worker) on the server, yield its URL, drop it after."""
     from pytest_postgresql.janitor import DatabaseJanitor
 
     parsed = make_url(url).set(drivername="postgresql+psycopg")
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     name = "_".join(filter(None, ["test", parsed.database or "main", worker]))
     janitor = DatabaseJanitor(
         user=parsed.username or "postgres",

@@ -40,6 +40,15 @@ PSS_OUTPUT = "ml_worker_pss"
 auto_workers_key = pytest.StashKey["AutoWorkers"]()
 
 
+def worker_id(config: pytest.Config) -> str | None:
+    """This xdist worker's id ("gw0"), or None outside a worker.
+
+    From the worker's own ``workerinput``, not ``PYTEST_XDIST_WORKER``: that variable reaches every
+    process a worker's tests start, and a pytest run among them is not a worker.
+    """
+    return getattr(config, "workerinput", {}).get("workerid")
+
+
 def size_text(size: float) -> str:
     return f"{size / 2**30:.1f} GB" if size >= 2**30 else f"{size / 2**20:.0f} MB"
 

@@ -25,7 +25,7 @@ from ml_fixtures.guard import MARKER, BlockedTest, ModelBlocker, loaders_of
 from ml_fixtures.load_report import LoadReport
 from ml_fixtures.options import ModelScope, Policy, Settings
 from ml_fixtures.options import pytest_addoption as pytest_addoption  # noqa: F401 (a hook)
-from ml_fixtures.parallel import ParallelRuns
+from ml_fixtures.parallel import ParallelRuns, worker_id
 from ml_fixtures.parallel import pytest_xdist_auto_num_workers as pytest_xdist_auto_num_workers  # noqa: F401 (a hook)
 from ml_fixtures.pool import ModelKey, ModelPool
 
@@ -110,7 +110,7 @@ class MLModels:
     def __init__(self, config: pytest.Config, project: Project):
         self.config, self.project = config, project
         self.settings = Settings.from_config(config, project.cassettes)
-        self.report = LoadReport(worker=os.environ.get("PYTEST_XDIST_WORKER", "main"))
+        self.report = LoadReport(worker=worker_id(config) or "main")
         self.pool = ModelPool(
             self.settings.memory_budget,
             on_load=self.report.timed_load,

@@ -428,8 +428,11 @@ class Server:
                     next_check = now + CHECK_PERIOD_S
                     if not self._socket_is_ours():
                         self._stop_accepting("its socket was removed or replaced")
-            deadlines = [p.deadline for p in self.pending.values()] + [next_check, self.last_activity + self.idle_s]
-            for key, _ in self.selector.select(max(0.0, min(deadlines) - time.monotonic())):
+            deadlines = [p.deadline for p in self.pending.values()]
+            if self.listener is not None:  # once it stops accepting, only its runs' ends (SIGCHLD) and callers wake it
+                deadlines += [next_check, self.last_activity + self.idle_s]
+            timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            for key, _ in self.selector.select(timeout):
                 try:
                     key.data(key.fileobj)
                 except Exception:  # one connection's trouble: this server serves the others on

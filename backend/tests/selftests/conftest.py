@@ -11,11 +11,13 @@ from __future__ import annotations
 import gc
 import json
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ml_fixtures import scaffold
+from ml_fixtures.parallel import THREAD_VARIABLES, THREADS_INPUT
 from ml_models import PROJECT
 
 TESTS = PROJECT.tests_dir
@@ -37,6 +39,17 @@ def ml_libraries_imported() -> None:
 
     gc.collect()
     gc.freeze()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def users_thread_settings(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The processes the self-tests start stand for a user's fresh shell: under ``-n N`` this
+    worker's thread budget (parallel.py) is in ``os.environ``, where no user put it."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        if getattr(request.config, "workerinput", {}).get(THREADS_INPUT):
+            for name in THREAD_VARIABLES:
+                monkeypatch.delenv(name, raising=False)
+        yield
 
 
 @pytest.fixture(scope="session")

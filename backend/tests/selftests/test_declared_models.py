@@ -279,6 +279,7 @@ SCRATCH_INTEGRATION = '''
 '''
 
 
+@pytest.mark.slow
 def test_the_library_copied_into_another_project_runs_its_declared_model(pytester, monkeypatch):
     """Process isolation is the claim: the copy is the only ``ml_fixtures`` and nothing of ``app`` exists."""
     shutil.copytree(TESTS / "ml_fixtures", pytester.path / "tests" / "ml_fixtures", ignore=shutil.ignore_patterns("__pycache__"))

@@ -108,6 +108,7 @@ def test_a_small_budget_evicts_the_least_recently_used(suite):
     ]
 
 
+@pytest.mark.slow
 def test_xdist_workers_give_the_same_results_and_load_each_model_once(ml_tree):
     # Real worker processes (the claim). The classifier alone spares the workers FlagEmbedding's
     # 5 s import; its tests sit in two modules, which plain --dist load would spread over both workers.

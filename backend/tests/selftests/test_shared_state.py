@@ -324,7 +324,7 @@ def test_pagemap_scan_and_pagemap_entries_agree(classifier):
     snapshots = [mutation.ModelSnapshot(classifier, method) for method in pages.Method]
     embeddings, bias = classifier.model.bert.embeddings.word_embeddings.weight, classifier.model.classifier.bias
     elements = [(0, 0), (1000, 17), (30521, 383)]
-    loaded = [float(embeddings[element]) for element in elements]
+    loaded = [float(embeddings.detach()[element]) for element in elements]
     for element in elements:
         embeddings.data[element] += 1
     bias.data[-1] += 1
@@ -429,7 +429,7 @@ def test_without_pagemap_every_tensor_is_checksummed(classifier, monkeypatch):
     covered = snapshot.checksums.indices + snapshot.deferred_checksums.indices
     assert not snapshot.mapped.spans and sorted(covered) == list(range(len(snapshot.tensors)))
     bias = classifier.model.classifier.bias
-    value = float(bias[2])
+    value = float(bias.detach()[2])
     bias.data[2] = value + 1
     assert snapshot.changes() == ["weights changed (checksum of their bytes): model.classifier.bias"]
     bias.data[2] = value

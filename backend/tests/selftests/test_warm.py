@@ -24,6 +24,8 @@ import pytest
 
 from ml_fixtures import warm
 
+pytestmark = pytest.mark.slow  # real processes: `make test-slow` (pytest.ini)
+
 SLEEPER = """
     import os, time
 
@@ -70,9 +72,12 @@ class WarmTree:
         )  # fmt: skip
 
     def start(self, *args: str, **env: str) -> subprocess.Popen:
+        """A run in a process group of its own, as a shell starts a job: Ctrl-Z stops it even where this
+        pytest's group is orphaned (started in the background of a shell that has exited), in which the
+        kernel discards a stop signal."""
         return subprocess.Popen(
             self.command(*args), cwd=self.root, env={**self.env, **env}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
+            stderr=subprocess.STDOUT, text=True, process_group=0,
         )  # fmt: skip
 
     def server_pids(self) -> list[int]:
@@ -337,6 +342,36 @@ def test_concurrent_first_runs_start_one_server_quietly(warm_tree):
     assert sum(output.count("ml-warm: starting a warm server") for output in outputs) == 1
     assert not any("Traceback" in output or "running cold" in output for output in [*outputs, warm_tree.logs()])
     assert len(list(warm_tree.warm_dir.glob("server-*.sock"))) == 1 and len(warm_tree.server_pids()) == 1
+
+
+def test_a_stopped_server_lets_the_run_in_progress_finish_and_waits_without_spinning(warm_tree, tmp_path):
+    warm_tree.tree.write(
+        "unit/test_waits.py",
+        """
+        import os, pathlib, time
+
+        def test_waits():
+            pathlib.Path(os.environ["PID_FILE"]).write_text(str(os.getpid()))
+            go = pathlib.Path(os.environ["GO_FILE"])
+            deadline = time.monotonic() + 30
+            while not go.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert go.exists()
+        """,
+    )
+    pid_file, go_file = tmp_path / "child.pid", tmp_path / "go"
+    client = warm_tree.start("-q", "--ml-warm", PID_FILE=str(pid_file), GO_FILE=str(go_file))
+    assert wait_for(pid_file.exists), "the warm run did not start"
+    [server] = [psutil.Process(pid) for pid in warm_tree.server_pids()]
+    stopped = warm_tree.run("--ml-warm-stop")
+    assert f"ml-warm: stopped the warm server (pid {server.pid})" in stopped.stderr
+    before = sum(server.cpu_times()[:2])
+    time.sleep(1)
+    assert sum(server.cpu_times()[:2]) - before < 0.5, "the server spins while its last run goes on"
+    go_file.touch()
+    output, _ = client.communicate(timeout=60)
+    assert client.returncode == 0 and summary(output) == "1 passed"
+    assert wait_for(lambda: not alive(server.pid))
 
 
 def test_a_server_exits_when_idle_or_when_its_socket_is_removed_or_replaced(tmp_path, monkeypatch):

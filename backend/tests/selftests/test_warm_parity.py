@@ -15,7 +15,11 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from ml_fixtures import warm
+
+pytestmark = pytest.mark.slow  # real processes: `make test-slow` (pytest.ini)
 
 PROBES = """
     import json, os, random, resource, signal, sys, tempfile, warnings

@@ -19,6 +19,8 @@ from ml_fixtures.parallel import usable_cpus
 from selftests.test_warm import WarmTree, started_pid, summary
 from selftests.test_warm_parity import difference
 
+pytestmark = pytest.mark.slow  # real processes: `make test-slow` (pytest.ini)
+
 #: In every test module: each worker, whichever tests scheduling gives it, writes its state.
 PROBE = """
     import json, os, random, signal, sys, warnings
