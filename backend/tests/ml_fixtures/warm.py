@@ -428,6 +428,8 @@ class Server:
                     next_check = now + CHECK_PERIOD_S
                     if not self._socket_is_ours():
                         self._stop_accepting("its socket was removed or replaced")
+            if self.listener is None and not self.runs:
+                break  # stopped accepting just now, nothing in progress
             deadlines = [p.deadline for p in self.pending.values()]
             if self.listener is not None:  # once it stops accepting, only its runs' ends (SIGCHLD) and callers wake it
                 deadlines += [next_check, self.last_activity + self.idle_s]
