@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import signal
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,19 @@ def users_thread_settings(request: pytest.FixtureRequest) -> Iterator[None]:
             for name in THREAD_VARIABLES:
                 monkeypatch.delenv(name, raising=False)
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def signals_as_in_a_terminal() -> Iterator[None]:
+    """The runs the self-tests start get SIGINT and SIGHUP as from a terminal, whatever started this
+    pytest: a background job of a non-interactive shell has SIGINT ignored, ``nohup`` SIGHUP, and
+    the children would inherit that (Ctrl-C and hang-up self-tests then wait in vain)."""
+    ignored = [signum for signum in (signal.SIGINT, signal.SIGHUP) if signal.getsignal(signum) == signal.SIG_IGN]
+    for signum in ignored:
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    yield
+    for signum in ignored:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 @pytest.fixture(scope="session")
