@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,11 +98,13 @@ class _TerminalLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         terminal = self.config.pluginmanager.get_plugin("terminalreporter")
         capture = self.config.pluginmanager.get_plugin("capturemanager")
-        if terminal is None:  # an xdist worker: no terminal of its own
-            return
+        worker = worker_id(self.config)
         with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            terminal.ensure_newline()
-            terminal.write_line(self.format(record))
+            if worker is not None:  # an xdist worker's terminal is its channel to the controller; its stderr is the controller's
+                print(f"[{worker}] {self.format(record)}", file=sys.stderr, flush=True)
+            elif terminal is not None:
+                terminal.ensure_newline()
+                terminal.write_line(self.format(record))
 
 
 class MLModels:

@@ -332,3 +332,32 @@ def test_an_in_process_run_leaves_nothing_behind(ml_tree, monkeypatch, tmp_path)
     ml_tree.run(f"--ml-model-cache-dir={tmp_path / 'elsewhere'}").assert_outcomes(passed=1)
     assert environment() == before
     assert (logger.level, list(logger.handlers)) == logging_state
+
+
+def test_the_declared_build_loggers_reach_the_terminal_with_capture_on(ml_tree):
+    ml_tree.write(
+        "unit/test_build.py",
+        """
+        import logging
+
+        def test_build():
+            logging.getLogger("app.ml.embedded").info("fine-tuning the probe model (about 1 s)")
+        """,
+    )
+    result = ml_tree.run()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["fine-tuning the probe model (about 1 s)"])
+
+
+def test_an_xdist_workers_build_lines_go_to_the_controllers_stderr(capsys):
+    """A worker's terminal reporter writes into its channel, which shows nothing: the line goes to
+    the stderr it shares with the controller, named by the worker."""
+    import logging
+    from types import SimpleNamespace
+
+    from ml_fixtures.plugin import _TerminalLines
+
+    worker = SimpleNamespace(workerinput={"workerid": "gw1"}, pluginmanager=SimpleNamespace(get_plugin=lambda name: None))
+    record = logging.LogRecord("app.ml.embedded", logging.INFO, __file__, 1, "fine-tuning the reranker", None, None)
+    _TerminalLines(worker).emit(record)
+    assert capsys.readouterr().err == "[gw1] fine-tuning the reranker\n"
