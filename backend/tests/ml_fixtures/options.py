@@ -152,7 +152,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--ml-warm-stop",
         action="store_true",
-        help="stop the warm server of --ml-warm, if one runs, and exit",
+        help="stop the warm servers of --ml-warm that this interpreter started (every identity's), if any run, and exit",
     )
     database = parser.getgroup("ml-database", "test_db's database (ML_MODEL_OPTIMIZATION.md beside the root conftest)")
     database.addoption(

@@ -1346,14 +1346,22 @@ def _die_by(signum: int) -> None:
 
 
 def stop() -> int:
-    """Stop this user's servers (every identity's), if any run; exit code 0 either way."""
+    """Stop this user's servers of this interpreter (every identity's), if any run; exit code 0 either way.
+
+    Another interpreter's (another virtualenv, another checkout's) are left running: this pytest could
+    not have used them. A server without a manifest yet (still importing) is stopped.
+    """
     try:
         sockets = sorted(_private_dir().glob("server-*.sock"))
     except OSError as exc:
         say(f"no warm server answered: {exc}")
         return 0
-    stopped = 0
+    stopped, others = 0, []
     for path in sockets:
+        manifest = Manifest.read(ServerFiles.from_socket(path).manifest)
+        if manifest is not None and manifest.identity.get("executable") != sys.executable:
+            others.append(f"pid {manifest.pid}, {manifest.identity.get('executable')}")
+            continue
         try:
             conn, reply = _request(path, {"op": "stop"}, timeout=10)
             conn.close()
@@ -1367,7 +1375,9 @@ def stop() -> int:
         stopped += 1
         say(f"stopped the warm server (pid {reply.get('stopped')})")
     if not stopped:
-        say("no warm server is running")
+        say("no warm server is running" + (" for this interpreter" if others else ""))
+    if others:
+        say(f"left the warm servers of other interpreters running: {'; '.join(others)}")
     return 0
 
 

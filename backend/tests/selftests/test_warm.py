@@ -374,6 +374,18 @@ def test_a_stopped_server_lets_the_run_in_progress_finish_and_waits_without_spin
     assert wait_for(lambda: not alive(server.pid))
 
 
+def test_stop_leaves_another_interpreters_server_running(shared_warm_tree, monkeypatch, capsys):
+    """Another virtualenv's (another checkout's) server is not this pytest's to stop."""
+    shared_warm_tree.tree.write("unit/test_ok.py", "def test_ok():\n    pass\n")
+    assert shared_warm_tree.run("-q", "--ml-warm", "unit/test_ok.py").returncode == 0
+    [pid] = shared_warm_tree.server_pids()
+    monkeypatch.setattr(sys, "executable", "/elsewhere/.venv/bin/python")
+    assert warm.stop() == 0
+    err = capsys.readouterr().err
+    assert "no warm server is running for this interpreter" in err
+    assert f"left the warm servers of other interpreters running: pid {pid}, " in err and alive(pid)
+
+
 def test_a_server_exits_when_idle_or_when_its_socket_is_removed_or_replaced(tmp_path, monkeypatch):
     monkeypatch.setenv("ML_WARM_PRELOAD", "")
     paths = {why: tmp_path / f"server-{why}.sock" for why in ("idle", "removed", "replaced")}
