@@ -325,6 +325,7 @@ def test_an_in_process_run_leaves_nothing_behind(ml_tree, monkeypatch, tmp_path)
         """,
     )
     logger = logging.getLogger("app.ml")
+
     def environment():  # less pytest's own PYTEST_CURRENT_TEST, which the inner run removes at its end
         return {name: value for name, value in os.environ.items() if name != "PYTEST_CURRENT_TEST"}
 

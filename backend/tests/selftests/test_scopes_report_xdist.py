@@ -1,6 +1,5 @@
 """Real models through the pool: loads per scope policy, release, eviction, the report, xdist."""
 
-
 import pytest
 
 SPARSE_MODULE = """
