@@ -116,7 +116,7 @@ def check_cost(repeats: int) -> dict:
     """What the modified-shared-model check costs: on the seed-scale BGE-M3 (bge-m3's size, 2.2 GB)
     and on the two embedded models, each on CPU in fp32 after one inference (its pages present).
 
-    The snapshot is taken at load; ``ModelSnapshot.changes`` runs after every test, and
+    The snapshot is taken at load (``watch``); ``ModelSnapshot.changes`` runs after every test, and
     ``deferred_changes`` (the scan of written pages, where it does not fit per test) at the end of
     each module. Every timed check must find nothing.
     """
@@ -128,7 +128,7 @@ def check_cost(repeats: int) -> dict:
     from app.ml.seed_scale import seed_scale_bge_m3_dir
     from app.services.ml_classification_service import MLClassificationService
     from app.services.sparse_embedding_service import SparseEmbeddingService
-    from ml_fixtures.mutation import ModelSnapshot
+    from ml_fixtures.mutation import watch
 
     models = {
         "seed_scale_bge_m3": (lambda: loading.load_sparse_embedding_model(seed_scale_bge_m3_dir(), device="cpu"), "sparse"),
@@ -143,7 +143,7 @@ def check_cost(repeats: int) -> dict:
             _fixed(SparseEmbeddingService, loaded).generate_embeddings(texts)
         else:
             _fixed(MLClassificationService, loaded).predict_batch(texts)
-        snapshot, snapshot_s = _timed(functools.partial(ModelSnapshot, loaded))
+        snapshot, snapshot_s = _timed(functools.partial(watch, loaded))
         per_test, deferred = [], []
         for i in range(repeats):
             changes, seconds = _timed(snapshot.changes)

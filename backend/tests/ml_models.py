@@ -101,7 +101,7 @@ PROJECT = Project(
     tests_dir=TESTS,
     cache_dir=config.model_cache_dir,
     cache_dir_variable="ML_MODEL_CACHE_DIR",
-    unavailable=(ModelUnavailableError,),
+    unavailable_errors=(ModelUnavailableError,),
     build_loggers=("app.ml",),
     warm_preload=(
         "torch", "transformers", "sqlalchemy", "sqlalchemy.orm", "psutil", "filelock", "huggingface_hub", "safetensors",

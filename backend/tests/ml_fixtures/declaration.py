@@ -181,7 +181,7 @@ class Project:
     #: sets it, and the run pins it for its child processes.
     cache_dir_variable: str | None = None
     #: Errors that mean "this model cannot be had here": a cached fixture then skips with the reason.
-    unavailable: tuple[type[BaseException], ...] = ()
+    unavailable_errors: tuple[type[BaseException], ...] = ()
     #: Loggers whose INFO lines (model builds) are shown in the terminal, capture or not.
     build_loggers: tuple[str, ...] = ()
     #: Modules the warm server imports ahead of every warm run (``--ml-warm``), besides the models' own.

@@ -56,22 +56,19 @@ class LoadReport:
     cassettes_written: list[str] = field(default_factory=list)
     #: ``torch.cuda.memory_allocated()`` before the first load and after the last release.
     cuda: dict[str, int | None] = field(default_factory=dict)
-    current_test: str | None = None
-    current_policy: str | None = None
 
-    def timed_load(self, key: object, load: Callable[[], LoadedModel]) -> LoadedModel:
+    def timed_load(self, key: object, load: Callable[[], LoadedModel], test: str | None, policy: object) -> LoadedModel:
+        """``load()``, recorded with its time and memory, under the test that caused it and that test's directory rule."""
         self.cuda.setdefault("allocated_before_first_load", cuda_allocated())
         before, start = _rss_mb(), time.perf_counter()
         loaded = load()
         seconds = time.perf_counter() - start
-        policy = None if self.current_policy is None else str(self.current_policy)  # plain str: xdist sends it
-        self.records.append(
-            LoadRecord(str(key), self.current_test, policy, seconds, before, _rss_mb(), self.worker)
-        )
+        policy = None if policy is None else str(policy)  # plain str: xdist sends it
+        self.records.append(LoadRecord(str(key), test, policy, seconds, before, _rss_mb(), self.worker))
         return loaded
 
-    def evicted(self, key: object) -> None:
-        self.evictions.append(f"{key} (for {self.current_test})")
+    def evicted(self, key: object, test: str | None) -> None:
+        self.evictions.append(f"{key} (for {test})")
 
     def finish(self) -> None:
         """Called after the pool's last release."""

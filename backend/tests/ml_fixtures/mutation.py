@@ -18,7 +18,7 @@ device)``, and :meth:`ModelSnapshot.changes` compares after each test:
   backend's added tokens, components, truncation and padding.
 
 Attributes are compared by value where they are scalars or small containers (a copy is kept), by
-identity and length otherwise (a 250k-entry vocabulary). :func:`restore_in_place` gives the same
+identity and length otherwise (a 250k-entry vocabulary). :func:`ml_fixtures.pool.restore_in_place` gives the same
 objects the state of a fresh load.
 """
 
@@ -28,9 +28,10 @@ import operator
 import sys
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
-from ml_fixtures import pages
+from ml_fixtures import pages, tokenizer_calls
+from ml_fixtures.tokenizer_backend import TokenizerBackend
 
 #: How many names a change lists before "and N more".
 SHOWN = 3
@@ -121,8 +122,32 @@ def shared_objects(loaded: Any) -> dict[str, Any]:
     return found
 
 
+class TensorState(NamedTuple):
+    """Per tensor, in the snapshot's order (``training`` is an attribute of the modules)."""
+
+    versions: list[int]
+    pointers: list[int]
+    requires_grad: list[bool]
+
+    def same_storage(self, other: TensorState) -> bool:
+        """No tensor moved, grew or was written in place: the recorded addresses are still theirs."""
+        return self.versions == other.versions and self.pointers == other.pointers
+
+
+def watch(loaded: Any, method: pages.Method | None = None) -> ModelSnapshot:
+    """Start watching a loaded model for changes: do transformers' one-time set-up (:func:`settle`),
+    take its snapshot, and record what its tokenizer's calls leave (``tokenizer_calls.py``) until
+    :meth:`ModelSnapshot.close`."""
+    settle(loaded)
+    snapshot = ModelSnapshot(loaded, method)
+    if snapshot.backend is not None:
+        tokenizer_calls.track(loaded.tokenizer)
+        snapshot.tracks_tokenizer = True
+    return snapshot
+
+
 class ModelSnapshot:
-    """The checkable state of a loaded ``(model, tokenizer, device)`` at one moment."""
+    """The checkable state of a loaded ``(model, tokenizer, device)`` at one moment (:func:`watch` takes one)."""
 
     def __init__(
         self,
@@ -131,8 +156,9 @@ class ModelSnapshot:
         per_test_pages: int | None = None,
         per_test_bytes: int | None = None,
     ):
-        settle(loaded)
         self.loaded = loaded
+        #: Whether :func:`watch` records the tokenizer's calls for it (until :meth:`close`).
+        self.tracks_tokenizer = False
         self.shared = shared_objects(loaded)
         self.roots = self._roots()
         self.module_names: list[str] = []
@@ -161,7 +187,7 @@ class ModelSnapshot:
         named += [(name, obj) for name, obj in self.shared.items() if id(obj) not in modules]
         self.attributes = _Attributes(named)
         self.hooks = _Hooks(named[: len(self.modules)], list(zip(self.tensor_names, self.tensors))) if self.modules else None
-        self.backend = _Backend(loaded.tokenizer) if _Backend.applies(loaded.tokenizer) else None
+        self.backend = TokenizerBackend(loaded.tokenizer) if TokenizerBackend.applies(loaded.tokenizer) else None
         self._weights(
             method if method is not None else pages.best_method(),
             PER_TEST_PAGES if per_test_pages is None else per_test_pages,
@@ -185,8 +211,8 @@ class ModelSnapshot:
         self.samples = _Samples(self.tensors, sampled, self.mapped.mapping_of)
 
     @property
-    def deferred(self) -> bool:
-        """Whether part of the byte check waits for :meth:`deferred_changes`."""
+    def has_deferred_check(self) -> bool:
+        """Whether part of the byte check waits for :meth:`deferred_changes` (at the end of each module)."""
         return not self.pages_per_test or bool(self.deferred_checksums.indices)
 
     def _roots(self) -> list[tuple[str, int]]:
@@ -200,20 +226,15 @@ class ModelSnapshot:
         except KeyError:  # one key removed, another added
             return False
 
-    def _state(self) -> tuple[list, ...]:
-        """Per tensor: version counter, storage pointer, ``requires_grad`` (``training`` is an attribute)."""
+    def _state(self) -> TensorState:
         tensors = self.tensors
         data_ptr = sys.modules["torch"].Tensor.data_ptr if tensors else None
-        return list(map(_VERSION, tensors)), list(map(data_ptr, tensors)), list(map(_REQUIRES_GRAD, tensors))
-
-    def _same_storage(self, now: tuple[list, ...]) -> bool:
-        """No tensor moved, grew or was written in place: the recorded addresses are still theirs."""
-        return now[0] == self.state[0] and now[1] == self.state[1]
+        return TensorState(list(map(_VERSION, tensors)), list(map(data_ptr, tensors)), list(map(_REQUIRES_GRAD, tensors)))
 
     def changes(self) -> list[str]:
         """What differs from the snapshot, one line per kind of change; empty if nothing does."""
         now, same_structure = self._state(), self._same_structure()
-        same_storage = self._same_storage(now)
+        same_storage = now.same_storage(self.state)
         through_data = self.samples.changed() if same_storage else []
         written, rewritten = self.mapped.written() if same_storage and self.pages_per_test else ([], [])
         summed = self.checksums.changed() if same_storage else []
@@ -234,8 +255,8 @@ class ModelSnapshot:
         return lines
 
     def deferred_changes(self) -> list[str]:
-        """The byte checks that do not run after each test (see :attr:`deferred`)."""
-        if not self.deferred or not self._same_storage(self._state()):
+        """The byte checks that do not run after each test (see :attr:`has_deferred_check`)."""
+        if not self.has_deferred_check or not self._state().same_storage(self.state):
             return []  # moved tensors are reported by changes()
         written, rewritten = ([], []) if self.pages_per_test else self.mapped.written()
         return self._byte_lines(written, rewritten, self.deferred_checksums.changed())
@@ -254,7 +275,7 @@ class ModelSnapshot:
     def _tensor_names(self, indices: list[int]) -> str:
         return _names([self.tensor_names[i] for i in indices])
 
-    def _torch_lines(self, now: tuple[list, ...], through_data: list[int]) -> list[str]:
+    def _torch_lines(self, now: TensorState, through_data: list[int]) -> list[str]:
         versions, storage, grads = (
             [i for i, (a, b) in enumerate(zip(before, after)) if a != b] for before, after in zip(self.state, now)
         )
@@ -297,8 +318,10 @@ class ModelSnapshot:
             self.backend.reset()
 
     def close(self) -> None:
-        if self.backend:
-            self.backend.close()
+        """Stop recording what the tokenizer's calls leave (see :func:`watch`)."""
+        if self.tracks_tokenizer:
+            tokenizer_calls.untrack(self.loaded.tokenizer)
+            self.tracks_tokenizer = False
 
 
 class _Attributes:
@@ -444,124 +467,6 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-class _Backend:
-    """The fast tokenizer's Rust backend: added tokens, components, truncation and padding.
-
-    transformers sets the backend's truncation and padding on every call of the tokenizer from
-    that call's arguments, and leaves them so: they change in honest use. Those left by a call are
-    recorded (:func:`_track` wraps ``set_truncation_and_padding``); a state that no call left was
-    set directly (``backend_tokenizer.enable_truncation(...)``) and is reported. Either way
-    :meth:`reset` puts back the state at load after each test.
-    """
-
-    COMPONENTS = ("normalizer", "pre_tokenizer", "post_processor", "decoder")
-    MODEL_SETTINGS = (
-        "unk_token", "continuing_subword_prefix", "max_input_chars_per_word", "dropout", "fuse_unk", "byte_fallback",
-    )
-
-    @staticmethod
-    def applies(tokenizer: Any) -> bool:
-        return _calls_owner(tokenizer) is not None and hasattr(vars(tokenizer).get("_tokenizer"), "truncation")
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-        self.loaded = self._calls_state()
-        self.state = self._state()
-        _track(tokenizer)
-
-    @property
-    def _rust(self) -> Any:
-        return self.tokenizer._tokenizer
-
-    def _calls_state(self) -> tuple:
-        return self._rust.truncation, self._rust.padding
-
-    def _state(self) -> list:
-        rust = self._rust
-        model = rust.model
-        return [
-            rust.get_vocab_size(with_added_tokens=True),
-            {i: token.__getstate__() for i, token in rust.get_added_tokens_decoder().items()},
-            *(_component_state(getattr(rust, name)) for name in self.COMPONENTS),
-            type(model).__name__,
-            {name: getattr(model, name) for name in self.MODEL_SETTINGS if hasattr(model, name)},
-            getattr(rust, "encode_special_tokens", None),
-        ]
-
-    def changes(self) -> list[str]:
-        lines = []
-        state = self._state()
-        if state != self.state:
-            names = ["vocabulary size", "added tokens", *self.COMPONENTS, "model", "model settings", "encode_special_tokens"]
-            changed = [name for name, now, then in zip(names, state, self.state) if now != then]
-            lines.append(f"tokenizer backend changed (add_tokens, backend_tokenizer.*): {', '.join(changed)}")
-        calls, left = self._calls_state(), _LEFT.get(id(self.tokenizer))
-        if calls != self.loaded and calls != left:
-            expected = self.loaded if left is None else left
-            changed = [name for name, now, then in zip(("truncation", "padding"), calls, expected) if now != then]
-            lines.append(
-                "tokenizer backend truncation or padding set outside a tokenizer call "
-                f"(backend_tokenizer.enable_*/no_*): {', '.join(changed)}"
-            )
-        return lines
-
-    def reset(self) -> None:
-        truncation, padding = self.loaded
-        if self._calls_state() != self.loaded:
-            if truncation is None:
-                self._rust.no_truncation()
-            else:
-                self._rust.enable_truncation(**truncation)
-            if padding is None:
-                self._rust.no_padding()
-            else:
-                self._rust.enable_padding(**padding)
-        _LEFT[id(self.tokenizer)] = None
-
-    def close(self) -> None:
-        _untrack(self.tokenizer)
-
-
-def _component_state(component: Any) -> bytes | None:
-    return None if component is None else component.__getstate__()
-
-
-#: id(tokenizer) -> the backend (truncation, padding) its last call left (None: no call since the reset).
-_LEFT: dict[int, tuple | None] = {}
-#: (class, its own set_truncation_and_padding) while wrapped.
-_WRAPPED: list[tuple[type, Any]] = []
-
-
-def _calls_owner(tokenizer: Any) -> type | None:
-    """The class that defines the tokenizer's ``set_truncation_and_padding`` (transformers' fast tokenizers)."""
-    return next((c for c in type(tokenizer).__mro__ if "set_truncation_and_padding" in vars(c)), None)
-
-
-def _track(tokenizer: Any) -> None:
-    """Record what each call of ``tokenizer`` leaves on its backend, wrapping the method while any is tracked."""
-    owner = _calls_owner(tokenizer)
-    if not any(cls is owner for cls, _ in _WRAPPED):
-        original = vars(owner)["set_truncation_and_padding"]
-
-        def set_truncation_and_padding(self, *args, **kwargs):
-            result = original(self, *args, **kwargs)
-            if id(self) in _LEFT:
-                _LEFT[id(self)] = (self._tokenizer.truncation, self._tokenizer.padding)
-            return result
-
-        owner.set_truncation_and_padding = set_truncation_and_padding
-        _WRAPPED.append((owner, original))
-    _LEFT[id(tokenizer)] = None
-
-
-def _untrack(tokenizer: Any) -> None:
-    _LEFT.pop(id(tokenizer), None)
-    if not _LEFT:
-        while _WRAPPED:
-            owner, original = _WRAPPED.pop()
-            owner.set_truncation_and_padding = original
-
-
 class GlobalHooks:
     """torch's process-wide module hooks (``torch.nn.modules.module.register_module_*_hook``)."""
 
@@ -648,38 +553,3 @@ _VERSION, _REQUIRES_GRAD = operator.attrgetter("_version"), operator.attrgetter(
 def _names(names: list[str]) -> str:
     shown = ", ".join(names[:SHOWN])
     return shown + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
-
-
-def restore_in_place(snapshot: ModelSnapshot, fresh: Any) -> None:
-    """Give the objects of ``snapshot`` (model, its modules, configs, tokenizer) the state of ``fresh``,
-    a new load of the same model, keeping their identity.
-
-    Whoever holds one of them — a module-scoped fixture, a service — then sees it as loaded. The
-    states are exchanged: ``fresh``'s objects get the changed state, so that nothing they do when
-    they are dropped (FlagEmbedding's ``__del__`` moves its model to the CPU) touches the kept ones;
-    on each side, references to the other side's objects are pointed at their counterparts.
-    """
-    pairs = [(snapshot.shared[name], new) for name, new in shared_objects(fresh).items() if name in snapshot.shared]
-    for old, new in pairs:
-        old_state, new_state = dict(vars(old)), dict(vars(new))
-        vars(old).clear()
-        vars(old).update(new_state)
-        vars(new).clear()
-        vars(new).update(old_state)
-    sides = (
-        ([old for old, _ in pairs], {id(new): old for old, new in pairs}),
-        ([new for _, new in pairs], {id(old): new for old, new in pairs}),
-    )
-    for side, counterpart in sides:
-        _point_at(side, counterpart)
-
-
-def _point_at(objects: list[Any], counterpart: dict[int, Any]) -> None:
-    """In ``objects`` and the modules under them, replace each attribute value found in ``counterpart``."""
-    torch = sys.modules["torch"]
-    holders = objects + [m for obj in objects if isinstance(obj, torch.nn.Module) for m in obj.modules()]
-    for holder in holders:
-        d = vars(holder)
-        for key, value in list(d.items()):
-            if id(value) in counterpart:
-                d[key] = counterpart[id(value)]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import pytest
 
 from ml_fixtures.declaration import Project
+from ml_fixtures.hookspecs import project_of
 from ml_fixtures.options import parse_size
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -199,8 +200,6 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None  # the user's own number, which xdist reads
     from xdist.plugin import pytest_xdist_auto_num_workers as xdist_cpu_count
-
-    from ml_fixtures.plugin import project_of
 
     decision = AutoWorkers.decide(config, cpus=xdist_cpu_count(config), project=project_of(config))
     config.stash[auto_workers_key] = decision

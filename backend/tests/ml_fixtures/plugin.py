@@ -2,9 +2,9 @@
 
 The module-level hooks add the options and the ``pytest_ml_project`` hook, hand ``--ml-warm`` runs
 to the warm server, and register one :class:`MLModels` object per run (in the manner of
-pytest-xdist's ``DSession``): the run's state — settings, pool, load report, cassettes, the guard's
-blocker, the test being run — and the hooks that act on it. The fixtures (``fixtures.py``) reach
-it through :func:`ml_models`.
+pytest-xdist's ``DSession``): the run's state — settings, pool, load report, modification check,
+cassettes, the guard's blocker, the test being run — and the hooks that act on it. The fixtures
+(``fixtures.py``) reach it through :func:`ml_models`.
 """
 
 from __future__ import annotations
@@ -17,18 +17,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from _pytest.runner import runtestprotocol  # the protocol's phases without logging, as pytest-rerunfailures uses it
 
-from ml_fixtures import hookspecs, warm
+from _ml_fixtures_warm_core.identity import EnvironmentDefaults
+from ml_fixtures import hookspecs
 from ml_fixtures.cassettes import Cassettes, Replay
 from ml_fixtures.declaration import DeclarationError, LoadedModel, ModelSpec, Project
 from ml_fixtures.guard import MARKER, BlockedTest, ModelBlocker, loaders_of
+from ml_fixtures.hookspecs import project_of
 from ml_fixtures.load_report import LoadReport
-from ml_fixtures.options import ModelScope, Policy, Settings
+from ml_fixtures.modification import ModificationCheck
+from ml_fixtures.options import Policy, Settings
 from ml_fixtures.options import pytest_addoption as pytest_addoption  # noqa: F401 (a hook)
 from ml_fixtures.parallel import ParallelRuns, worker_id
 from ml_fixtures.parallel import pytest_xdist_auto_num_workers as pytest_xdist_auto_num_workers  # noqa: F401 (a hook)
 from ml_fixtures.pool import ModelKey, ModelPool
+from ml_fixtures.warm import client as warm
 
 ml_models_key = pytest.StashKey["MLModels"]()
 #: Model hubs are never reached from tests: the resolvers use local files only. Set for every run
@@ -40,27 +43,17 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.add_hookspecs(hookspecs)
 
 
-def project_of(config: pytest.Config) -> Project:
-    """The project's declaration (``pytest_ml_project``), or an empty one: no models."""
-    project = config.hook.pytest_ml_project(config=config)
-    if project is None:
-        return Project(models=(), tests_dir=config.rootpath, cache_dir=lambda: Path.home() / ".cache" / "ml-fixtures")
-    if not isinstance(project, Project):
-        raise pytest.UsageError(f"pytest_ml_project must return an ml_fixtures.declaration.Project, not {project!r}")
-    return project
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> int | None:
     """``--ml-warm``: hand the whole session to a warm server's child; ``--ml-warm-stop``: stop it."""
-    defaults = dict(OFFLINE_ENVIRONMENT)
+    variables = dict(OFFLINE_ENVIRONMENT)
     if config.getoption("ml_warm") and not warm.is_child(config):
         preload = project_of(config).preload
         if not preload:  # no conftest declares a project here (a path that does not exist, say)
             warm.say("no project declares its models here (pytest_ml_project); running cold")
             return None
-        defaults["ML_WARM_PRELOAD"] = ",".join(preload)  # the server imports what the project's models use
-    return warm.cmdline_main(config, defaults)
+        variables["ML_WARM_PRELOAD"] = ",".join(preload)  # the server imports what the project's models use
+    return warm.cmdline_main(config, EnvironmentDefaults.of(variables))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -114,11 +107,13 @@ class MLModels:
         self.config, self.project = config, project
         self.settings = Settings.from_config(config, project.cassettes)
         self.report = LoadReport(worker=worker_id(config) or "main")
+        self.modification = ModificationCheck(self.settings.scope, self.modification_message)
         self.pool = ModelPool(
             self.settings.memory_budget,
-            on_load=self.report.timed_load,
-            on_evict=self.report.evicted,
-            unavailable=project.unavailable,
+            on_load=self._timed_load,
+            on_evict=lambda key: self.report.evicted(key, self.current_test),
+            unavailable_errors=project.unavailable_errors,
+            on_changed=self.modification.found,
         )
         # Releasing the pool also undoes the tokenizer-class patch of its snapshots (mutation.py).
         config.add_cleanup(self.pool.clear)
@@ -127,6 +122,8 @@ class MLModels:
         self.by_cached_fixture = {spec.cached_fixture: spec for spec in project.models}
         #: The test being run: module-scoped fixtures are set up on behalf of whichever test comes first.
         self.item: pytest.Item | None = None
+        #: Its directory's rule, once a fixture of the library has read it (the load report names it).
+        self.policy: Policy | None = None
         self._policies: dict[object, Policy] = {}
         self._pin_environment()
         self._show_builds()
@@ -155,14 +152,25 @@ class MLModels:
 
     # ------------------------------------------------------------ policy and the guard
 
+    @property
+    def current_test(self) -> str | None:
+        return None if self.item is None else self.item.nodeid
+
+    def _timed_load(self, key: ModelKey, load) -> LoadedModel:
+        """Every real load, timed into the report under the test that caused it and its directory's rule."""
+        return self.report.timed_load(key, load, self.current_test, self.policy)
+
     def policy_of(self, request: pytest.FixtureRequest) -> Policy:
         """The requesting test's directory rule (its ``ml_model_policy``), parsed once per value."""
         value = request.getfixturevalue("ml_model_policy")
         if value not in self._policies:
             self._policies[value] = Policy.parse(value, "ml_model_policy")
-        policy = self._policies[value]
-        self.report.current_policy = policy
-        return policy
+        return self._policies[value]
+
+    def enter_policy(self, request: pytest.FixtureRequest) -> Policy:
+        """The requesting test's rule, kept as the current test's for the load report."""
+        self.policy = self.policy_of(request)
+        return self.policy
 
     def refuse_unmarked(self, item: pytest.Item, policy: Policy, what: str) -> None:
         """Under the unit policy, a real model for a test that is not marked fails it, naming the way out."""
@@ -202,28 +210,26 @@ class MLModels:
         The guard has checked the test that sets it up (``pytest_fixture_setup``); every later test
         of the module is checked again by :meth:`route`.
         """
-        self.policy_of(request)
+        self.enter_policy(request)
         try:
             return self.pooled(spec)
-        except self.project.unavailable as exc:
+        except self.project.unavailable_errors as exc:
             return UnavailableModel(f"{spec.cached_fixture}: {exc}")
 
     def private_copy(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, spec: ModelSpec) -> LoadedModel:
         """A fresh load of ``spec``'s model for one test, outside the pool; the test's services use it."""
-        self.refuse_unmarked(request.node, self.policy_of(request), spec.copy_fixture)
+        self.refuse_unmarked(request.node, self.enter_policy(request), spec.copy_fixture)
         settings = self.settings
         try:
-            loaded = self.report.timed_load(
-                self.key(spec, private=True), lambda: spec.load_real(None, settings.device, settings.dtype)
-            )
-        except self.project.unavailable as exc:
+            loaded = self._timed_load(self.key(spec, private=True), lambda: spec.load_real(None, settings.device, settings.dtype))
+        except self.project.unavailable_errors as exc:
             pytest.skip(f"{spec.copy_fixture}: {exc}")
         monkeypatch.setattr(spec.service, spec.seam, lambda service: loaded)
         return loaded
 
     def route(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
         """Point each service's loading seam at fakes, or at the pool for tests on real models."""
-        item, policy = request.node, self.policy_of(request)
+        item, policy = request.node, self.enter_policy(request)
         used = [spec for spec in self.project.models if spec.cached_fixture in request.fixturenames]
         for spec in used:
             self.refuse_unmarked(item, policy, spec.cached_fixture)
@@ -278,35 +284,13 @@ class MLModels:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool:
-        """pytest's own protocol, with the reports logged after the teardown (as pytest-rerunfailures does).
-
-        The pooled models are checked after the test's teardown, so that a change that a fixture
-        undoes (``monkeypatch``) is no change; a test that changed one then fails in its call report,
-        as if the check had run inside it.
-        """
-        self.report.current_test, self.item = item.nodeid, item
+        """The test, under the modification check (which fails its call report for a changed shared model)."""
+        self.item = item
         try:
-            item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-            reports = runtestprotocol(item, nextitem=nextitem, log=False)
-            self._fail_modifying_test(reports)
-            for report in reports:
-                item.ihook.pytest_runtest_logreport(report=report)
-            item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+            self.modification.run_test(item, nextitem)
         finally:
-            self.report.current_test = self.report.current_policy = self.item = None
+            self.item = self.policy = None
         return True
-
-    def _fail_modifying_test(self, reports: list[pytest.TestReport]) -> None:
-        """Fail the test for each pooled model the check after its teardown found changed."""
-        report = next((r for r in reports if r.when == "call"), reports[-1])
-        for key, changes in self.pool.modified():
-            message = self.modification_message(key, changes)
-            if report.failed:
-                report.sections.append(("modified the shared model", message))
-                continue
-            report.outcome, report.longrepr = "failed", message
-            if hasattr(report, "wasxfail"):  # an expected failure does not excuse the change
-                del report.wasxfail
 
     def modification_message(self, key: ModelKey, changes: list[str]) -> str:
         spec = self.project.spec_for(key.model)
@@ -325,16 +309,13 @@ class MLModels:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None):
-        """After the fixtures' teardown: check the pooled models, restore the changed ones in place
-        (a :class:`~ml_fixtures.pool.ModelRestoreError` naming the model if one cannot be loaded
-        again), and release them as the scope policy says."""
+        """After the fixtures' teardown: the modification check of the pooled models, which restores
+        the changed ones in place (a :class:`~ml_fixtures.pool.ModelRestoreError` naming the model if
+        one cannot be loaded again) and releases them as the scope policy says."""
         try:
             return (yield)
         finally:
-            scope = self.settings.scope
-            module_ends = nextitem is None or getattr(nextitem, "module", None) is not getattr(item, "module", None)
-            release = scope is ModelScope.FUNCTION or (scope is ModelScope.MODULE and module_ends)
-            self.pool.after_test(item.nodeid, deferred=module_ends, release=release)
+            self.modification.after_teardown(self.pool, item, nextitem)
 
     # ------------------------------------------------------------ the end
 

@@ -7,10 +7,10 @@ The scope policy (``--ml-model-scope``) decides when the plugin calls :meth:`cle
 
 Each entry keeps a :class:`~ml_fixtures.mutation.ModelSnapshot` of its ``(model, tokenizer,
 device)`` taken at load. After each test's teardown (its fixtures undone: a ``monkeypatch`` of the
-model is no change) the plugin calls :meth:`ModelPool.after_test`, which checks every pooled model,
-runs the deferred checks at the end of a module, and puts a fresh load's state into the objects of
-each changed model, so whoever holds them gets it as loaded again; :meth:`ModelPool.modified` then
-hands what was found to the test's teardown report.
+model is no change) :meth:`ModelPool.after_test` checks every pooled model, runs the deferred checks
+at the end of a module, and puts a fresh load's state into the objects of each changed model, so
+whoever holds them gets it as loaded again. Each change found, there or before an eviction, goes to
+``on_changed`` (the plugin's :class:`~ml_fixtures.modification.ModificationCheck`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ml_fixtures.declaration import LoadedModel
-from ml_fixtures.mutation import GlobalHooks, ModelSnapshot, restore_in_place, torch_modules
+from ml_fixtures.mutation import GlobalHooks, ModelSnapshot, shared_objects, torch_modules, watch
 
 
 def model_nbytes(model: object) -> int:
@@ -68,9 +69,6 @@ class _Entry:
     unchecked: list[str] = field(default_factory=list)
 
 
-Findings = list[tuple["ModelKey", list[str]]]
-
-
 class ModelPool:
     """Thread-safe LRU cache of loaded models under a memory budget (bytes)."""
 
@@ -80,12 +78,15 @@ class ModelPool:
         on_load: Callable | None = None,
         on_evict: Callable[[ModelKey], None] | None = None,
         size_of: Callable[[object], int] = model_nbytes,
-        unavailable: tuple[type[BaseException], ...] = (),
+        unavailable_errors: tuple[type[BaseException], ...] = (),
+        on_changed: Callable[[ModelKey, list[str]], None] | None = None,
     ):
         self.memory_budget = memory_budget
         #: Errors that mean the model cannot be had: remembered, so it is not looked for again.
-        self._unavailable = unavailable
+        self._unavailable_errors = unavailable_errors
         self._on_evict = on_evict or (lambda key: None)
+        #: ``on_changed(key, changes)``: each change found in a pooled model, after a test or before an eviction.
+        self._on_changed = on_changed or (lambda key, changes: None)
         self._size_of = size_of
         #: ``on_load(key, load) -> LoadedModel``: wraps every real load (the load report times it).
         self._on_load = on_load or (lambda key, load: load())
@@ -93,8 +94,6 @@ class ModelPool:
         self._failures: dict[ModelKey, BaseException] = {}
         self._known_sizes: dict[ModelKey, int] = {}
         self._lock = threading.RLock()
-        #: Changes found by after_test() or an eviction, for the next modified() to report.
-        self._pending: Findings = []
         self._global_hooks: GlobalHooks | None = None
         self._global_hooks_changed = False
 
@@ -110,69 +109,56 @@ class ModelPool:
             self._make_room(self._known_sizes.get(key, 0))
             try:
                 loaded = self._on_load(key, load)
-            except self._unavailable as exc:
+            except self._unavailable_errors as exc:
                 self._failures[key] = exc
                 raise
             nbytes = self._size_of(loaded.model)
             self._known_sizes[key] = nbytes
             self._make_room(nbytes)
-            self._entries[key] = _Entry(loaded, nbytes, load, ModelSnapshot(loaded))
+            self._entries[key] = _Entry(loaded, nbytes, load, watch(loaded))
             if self._global_hooks is None and "torch" in sys.modules:
                 self._global_hooks = GlobalHooks()
             return loaded
 
-    def modified(self) -> Findings:
-        """The pooled models that :meth:`after_test` (or an eviction) found changed, with what changed,
-        once: for the report of the test."""
-        with self._lock:
-            found, self._pending = self._pending, []
-        merged: dict[ModelKey, list[str]] = {}
-        for key, changes in found:
-            if changes:
-                merged.setdefault(key, []).extend(changes)
-        return list(merged.items())
-
-    def after_test(self, test: str, deferred: bool, release: bool) -> None:
-        """After ``test``'s teardown: check every pooled model, and run the deferred checks
-        (``deferred``: its module ends), keeping what they find for :meth:`modified`; then drop
-        every model (``release``) or restore the changed ones in place.
+    def after_test(self, test: str, module_ends: bool, release: bool) -> None:
+        """After ``test``'s teardown: check every pooled model, and run the deferred checks when its
+        module ends (or the models go); then drop every model (``release``) or restore the changed
+        ones in place. Each change found goes to ``on_changed``.
 
         Raises :class:`ModelRestoreError` naming the model when one cannot be loaded again.
         """
         with self._lock:
-            self._pending += self._check(test)
-            if deferred or release:
+            self._check(test)
+            if module_ends or release:
                 for key, entry in self._entries.items():
-                    self._pending += self._deferred(key, entry, f"after {test}")
+                    self._deferred_check(key, entry, f"after {test}")
             if release:
                 self.clear()
             else:
                 self.restore()
 
-    def _check(self, test: str) -> Findings:
-        found = []
+    def _check(self, test: str) -> None:
         for key, entry in self._entries.items():
-            if entry.snapshot.deferred and entry.unchecked[-1:] != [test]:
+            if entry.snapshot.has_deferred_check and entry.unchecked[-1:] != [test]:
                 entry.unchecked.append(test)
             changes = entry.snapshot.changes()
             if changes:
                 entry.changed = True
-                found.append((key, changes))
+                self._on_changed(key, changes)
         if self._global_hooks is not None and self._entries and not self._global_hooks_changed:
             changes = self._global_hooks.changes()
             if changes:  # they run in every model: reported with the one used last
                 self._global_hooks_changed = True
-                found.append((next(reversed(self._entries)), changes))
-        return found
+                self._on_changed(next(reversed(self._entries)), changes)
 
-    def _deferred(self, key: ModelKey, entry: _Entry, when: str) -> Findings:
+    def _deferred_check(self, key: ModelKey, entry: _Entry, when: str) -> None:
         """The deferred checks of one model, naming the tests since the last clean one."""
         tests, entry.unchecked = entry.unchecked, []
         changes = [] if entry.changed else entry.snapshot.deferred_changes()
-        if not changes:
-            return []
-        entry.changed = True
-        return [(key, [*changes, f"found by the deferred check {when}; one of these tests did it: {', '.join(tests)}"])]
+        if changes:
+            entry.changed = True
+            culprits = f"found by the deferred check {when}; one of these tests did it: {', '.join(tests)}"
+            self._on_changed(key, [*changes, culprits])
 
     def restore(self) -> None:
         """Put each changed model back as loaded, in its own objects; undo leftover tokenizer-call
@@ -185,14 +171,14 @@ class ModelPool:
                     continue
                 try:
                     fresh = self._on_load(key, entry.load)
-                except self._unavailable as exc:  # cannot be cleaned: drop it, later acquires fail as unavailable
+                except self._unavailable_errors as exc:  # cannot be cleaned: drop it, later acquires fail as unavailable
                     self._drop(key)
                     self._failures[key] = exc
                     failed.append(f"{key}: {exc}")
                     continue
                 entry.snapshot.close()
                 restore_in_place(entry.snapshot, fresh)
-                entry.snapshot, entry.changed, entry.unchecked = ModelSnapshot(entry.loaded), False, []
+                entry.snapshot, entry.changed, entry.unchecked = watch(entry.loaded), False, []
             self._restore_global_hooks()
         if failed:
             raise ModelRestoreError(
@@ -223,10 +209,12 @@ class ModelPool:
         while self._entries and self.used_bytes + nbytes > self.memory_budget:
             key = next(iter(self._entries))
             entry = self._entries[key]
-            # Checked before it goes; the next modified() reports what it had.
+            # Checked before it goes: a change is reported with the test that made it evict.
             changes = [] if entry.changed else entry.snapshot.changes()
-            entry.changed = entry.changed or bool(changes)
-            self._pending += [(key, changes), *self._deferred(key, entry, "when it was evicted")]
+            if changes:
+                entry.changed = True
+                self._on_changed(key, changes)
+            self._deferred_check(key, entry, "when it was evicted")
             self._drop(key)
             self._on_evict(key)
             _release()
@@ -252,3 +240,38 @@ def _release() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def restore_in_place(snapshot: ModelSnapshot, fresh: Any) -> None:
+    """Give the objects of ``snapshot`` (model, its modules, configs, tokenizer) the state of ``fresh``,
+    a new load of the same model, keeping their identity.
+
+    Whoever holds one of them — a module-scoped fixture, a service — then sees it as loaded. The
+    states are exchanged: ``fresh``'s objects get the changed state, so that nothing they do when
+    they are dropped (FlagEmbedding's ``__del__`` moves its model to the CPU) touches the kept ones;
+    on each side, references to the other side's objects are pointed at their counterparts.
+    """
+    pairs = [(snapshot.shared[name], new) for name, new in shared_objects(fresh).items() if name in snapshot.shared]
+    for old, new in pairs:
+        old_state, new_state = dict(vars(old)), dict(vars(new))
+        vars(old).clear()
+        vars(old).update(new_state)
+        vars(new).clear()
+        vars(new).update(old_state)
+    sides = (
+        ([old for old, _ in pairs], {id(new): old for old, new in pairs}),
+        ([new for _, new in pairs], {id(old): new for old, new in pairs}),
+    )
+    for side, counterpart in sides:
+        _point_at(side, counterpart)
+
+
+def _point_at(objects: list[Any], counterpart: dict[int, Any]) -> None:
+    """In ``objects`` and the modules under them, replace each attribute value found in ``counterpart``."""
+    torch = sys.modules["torch"]
+    holders = objects + [m for obj in objects if isinstance(obj, torch.nn.Module) for m in obj.modules()]
+    for holder in holders:
+        d = vars(holder)
+        for key, value in list(d.items()):
+            if id(value) in counterpart:
+                d[key] = counterpart[id(value)]

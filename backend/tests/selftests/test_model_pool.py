@@ -16,7 +16,7 @@ class Weights:
 
 def make_pool(budget, evicted=None):
     on_evict = evicted.append if evicted is not None else None
-    return ModelPool(budget, on_evict=on_evict, size_of=lambda model: model.nbytes, unavailable=(ModelUnavailableError,))
+    return ModelPool(budget, on_evict=on_evict, size_of=lambda model: model.nbytes, unavailable_errors=(ModelUnavailableError,))
 
 
 def loader(nbytes, calls):

@@ -316,7 +316,7 @@ def test_pagemap_scan_and_pagemap_entries_agree(classifier):
     """The ioctl and the fallback that reads pagemap entries find the same written pages."""
     import torch
 
-    fresh = mutation.ModelSnapshot(classifier)  # settles the model before the first inference
+    fresh = mutation.watch(classifier)  # settles the model before the first inference
     with torch.no_grad():
         classifier.model(**classifier.tokenizer(["a sentence to run"], return_tensors="pt"))
     ranges = fresh.mapped.ranges
@@ -411,14 +411,15 @@ def test_a_model_evicted_after_a_change_is_reported_with_it():
         def __init__(self):
             self.max_length = 512
 
-    pool = ModelPool(100, size_of=lambda model: 60)
+    found = []
+    pool = ModelPool(100, size_of=lambda model: 60, on_changed=lambda key, changes: found.append((key, changes)))
     first = pool.acquire(ModelKey("a"), lambda: LoadedModel(Model(), None, "cpu"))
     first.model.max_length = 8
     pool.acquire(ModelKey("b"), lambda: LoadedModel(Model(), None, "cpu"))  # evicts "a"
-    assert pool.modified() == [(ModelKey("a"), ["attributes changed: model.max_length (512 -> 8)"])]
-    assert pool.modified() == []
-    pool.after_test("test", deferred=True, release=False)
-    assert pool.modified() == [] and pool.keys() == [ModelKey("b")]
+    assert found == [(ModelKey("a"), ["attributes changed: model.max_length (512 -> 8)"])]
+    found.clear()
+    pool.after_test("test", module_ends=True, release=False)
+    assert found == [] and pool.keys() == [ModelKey("b")]
 
 
 def test_without_pagemap_every_tensor_is_checksummed(classifier, monkeypatch):

@@ -22,7 +22,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ml_fixtures import warm
+from _ml_fixtures_warm_core import protocol
+from _ml_fixtures_warm_core.identity import Manifest
+from _ml_fixtures_warm_core.server import Server
+from ml_fixtures.warm import lifecycle, workers
+from ml_fixtures.warm.client import xdist_options
 
 pytestmark = pytest.mark.slow  # real processes: `make test-slow` (pytest.ini)
 
@@ -81,7 +85,7 @@ class WarmTree:
         )  # fmt: skip
 
     def server_pids(self) -> list[int]:
-        manifests = (warm.Manifest.read(path) for path in sorted(self.warm_dir.glob("server-*.manifest")))
+        manifests = (Manifest.read(path) for path in sorted(self.warm_dir.glob("server-*.manifest")))
         return [manifest.pid for manifest in manifests if manifest is not None]
 
     def logs(self) -> str:
@@ -93,7 +97,7 @@ def warm_tree(ml_tree, monkeypatch, tmp_path):
     """A tree and a warm server of its own (for the tests that start, stop or replace it)."""
     tree = WarmTree(ml_tree, monkeypatch, tmp_path / "warm")
     yield tree
-    warm.stop()
+    lifecycle.stop()
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +106,7 @@ def shared_warm_dir(tmp_path_factory):
     yield directory
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("ML_WARM_DIR", str(directory))
-        warm.stop()
+        lifecycle.stop()
 
 
 @pytest.fixture
@@ -166,12 +170,12 @@ def test_edits_are_picked_up_and_an_edited_preloaded_file_restarts_the_server(wa
 
 
 def test_another_user_is_refused(tmp_path, monkeypatch):
-    server = warm.Server(tmp_path / "server-unused.sock", idle_s=1, preload=[])
+    server = Server(tmp_path / "server-unused.sock", idle_s=1, preload=[])
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    monkeypatch.setattr(warm, "peer_uid", lambda conn: os.getuid() + 1)  # as if another uid connected
+    monkeypatch.setattr(protocol, "peer_uid", lambda conn: os.getuid() + 1)  # as if another uid connected
     with theirs:
         assert not server._admit(ours)
-        reply = warm._receive(theirs)
+        reply = protocol.receive(theirs)
     assert reply == {"refused": f"this server serves uid {os.getuid()} only"}
 
 
@@ -318,12 +322,12 @@ def test_a_client_that_vanishes_or_stays_silent_harms_no_run(warm_tree):
         assert not warm_tree.server_pids()  # no manifest yet: the server had not finished its imports
         path = next(warm_tree.warm_dir.glob("server-*.sock"))
         for message in ({"op": "ping"}, {"op": "stop"}):
-            gone = warm._connect(path, timeout=5)
-            warm._send(gone, message)
+            gone = protocol.connect(path, timeout=5)
+            protocol.send(gone, message)
             gone.close()
-        silent = warm._connect(path, timeout=5)
-        partial = warm._connect(path, timeout=5)
-        partial.send(warm._frame({"op": "ping"})[:6])
+        silent = protocol.connect(path, timeout=5)
+        partial = protocol.connect(path, timeout=5)
+        partial.send(protocol.frame({"op": "ping"})[:6])
     finally:
         os.kill(server, signal.SIGCONT)
     done = warm_tree.run("-q", "--ml-warm")
@@ -380,7 +384,7 @@ def test_stop_leaves_another_interpreters_server_running(shared_warm_tree, monke
     assert shared_warm_tree.run("-q", "--ml-warm", "unit/test_ok.py").returncode == 0
     [pid] = shared_warm_tree.server_pids()
     monkeypatch.setattr(sys, "executable", "/elsewhere/.venv/bin/python")
-    assert warm.stop() == 0
+    assert lifecycle.stop() == 0
     err = capsys.readouterr().err
     assert "no warm server is running for this interpreter" in err
     assert f"left the warm servers of other interpreters running: pid {pid}, " in err and alive(pid)
@@ -390,10 +394,10 @@ def test_a_server_exits_when_idle_or_when_its_socket_is_removed_or_replaced(tmp_
     monkeypatch.setenv("ML_WARM_PRELOAD", "")
     paths = {why: tmp_path / f"server-{why}.sock" for why in ("idle", "removed", "replaced")}
     servers = {
-        why: warm.start_server(path, {**os.environ, "ML_WARM_IDLE_S": "1" if why == "idle" else "60"})
+        why: lifecycle.start_server(path, {**os.environ, "ML_WARM_IDLE_S": "1" if why == "idle" else "60"})
         for why, path in paths.items()
     }
-    manifests = [warm.ServerFiles.from_socket(paths[why]).manifest for why in ("removed", "replaced")]
+    manifests = [protocol.ServerFiles.from_socket(paths[why]).manifest for why in ("removed", "replaced")]
     assert wait_for(lambda: all(manifest.exists() for manifest in manifests))
     for path in (paths["removed"], paths["replaced"]):
         path.unlink()
@@ -421,7 +425,7 @@ def test_a_server_exits_when_idle_or_when_its_socket_is_removed_or_replaced(tmp_
 def test_only_local_popen_workers_fork_from_the_server(spec, forkable):
     """The workers that xdist would start here as a plain ``python -u -c`` (the others, and the
     whole run under --tx without any, stay as they are: test_warm_workers.py runs the rest)."""
-    assert warm._forkable(spec) is forkable
+    assert workers.forkable(spec) is forkable
 
 
 @pytest.mark.parametrize(
@@ -441,7 +445,7 @@ def test_xdist_is_read_from_the_parsed_options(ml_tree, args, addopts, expected)
         ini = ml_tree.root / "pytest.ini"
         ini.write_text(ini.read_text().replace("addopts = ", f"addopts = {addopts} "))
     config = ml_tree.pytester.parseconfig(*args)
-    assert warm._xdist_options(config) == expected
+    assert xdist_options(config) == expected
 
 
 def test_pytest_usage_errors_come_through_unchanged(shared_warm_tree):
@@ -497,4 +501,4 @@ def test_other_import_time_settings_a_dead_server_and_stop(shared_warm_tree, cap
     stopped = shared_warm_tree.run("--ml-warm-stop")
     assert stopped.returncode == 0 and all(f"ml-warm: stopped the warm server (pid {pid})" in stopped.stderr for pid in pids)
     assert wait_for(lambda: not any(alive(pid) for pid in pids)) and not list(shared_warm_tree.warm_dir.glob("server-*.sock"))
-    assert warm.stop() == 0 and "ml-warm: no warm server is running" in capsys.readouterr().err
+    assert lifecycle.stop() == 0 and "ml-warm: no warm server is running" in capsys.readouterr().err

@@ -17,7 +17,8 @@ import sys
 
 import pytest
 
-from ml_fixtures import warm
+from _ml_fixtures_warm_core import protocol
+from ml_fixtures.warm import lifecycle
 
 pytestmark = pytest.mark.slow  # real processes: `make test-slow` (pytest.ini)
 
@@ -106,7 +107,7 @@ def test_probes_give_the_same_results_cold_and_warm(ml_tree, tmp_path, monkeypat
     def run(*args: str, silent_client: bool = False, inference: bool = False) -> tuple[subprocess.CompletedProcess, dict]:
         out.unlink(missing_ok=True)
         ml_tree.report.unlink(missing_ok=True)
-        silent = warm._connect(next(warm_dir.glob("server-*.sock")), timeout=5) if silent_client else None
+        silent = protocol.connect(next(warm_dir.glob("server-*.sock")), timeout=5) if silent_client else None
         try:
             done = subprocess.run(
                 [*command, "--pdb", f"--ml-model-report={ml_tree.report}", "integration/test_probes.py", *args,
@@ -133,7 +134,7 @@ def test_probes_give_the_same_results_cold_and_warm(ml_tree, tmp_path, monkeypat
         assert "ml-warm: starting a warm server" in errors, output + errors
         first, again = run("--ml-warm", inference=True), run("--ml-warm", silent_client=True)
     finally:
-        warm.stop()
+        lifecycle.stop()
     for (done, _), passed in zip((cold, first, again), (2, 3, 2)):
         assert done.returncode == 1 and f" 1 failed, {passed} passed in " in done.stdout, done.stdout[-3000:]
         assert "(Pdb) 42" in done.stdout and "UserWarning: warm-probe" in done.stdout

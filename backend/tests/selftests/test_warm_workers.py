@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ml_fixtures import warm
 from ml_fixtures.parallel import usable_cpus
+from ml_fixtures.warm import lifecycle
 from selftests.test_warm import WarmTree, started_pid, summary
 from selftests.test_warm_parity import difference
 
@@ -82,7 +82,7 @@ def workers_warm_dir(tmp_path_factory):
     yield directory
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("ML_WARM_DIR", str(directory))
-        warm.stop()
+        lifecycle.stop()
 
 
 @pytest.fixture
@@ -175,7 +175,8 @@ SABOTAGE = """
     import os, signal, time
     from pathlib import Path
 
-    from ml_fixtures import warm
+    from _ml_fixtures_warm_core import protocol
+    from _ml_fixtures_warm_core.identity import Manifest
 
     def pytest_sessionstart(session):
         '''On the controller, after its server check and before xdist starts the workers.'''
@@ -185,8 +186,8 @@ SABOTAGE = """
             deep = Path(os.environ["DEEP"])
             deep.write_text(deep.read_text() + "CHANGED = True\\n")
             return
-        for path in warm.socket_dir().glob("server-*.manifest"):
-            os.kill(warm.Manifest.read(path).pid, signal.SIGKILL)
+        for path in protocol.socket_dir().glob("server-*.manifest"):
+            os.kill(Manifest.read(path).pid, signal.SIGKILL)
 """
 
 
@@ -209,7 +210,7 @@ def test_a_stale_or_unreachable_server_makes_the_workers_cold_with_one_line(ml_t
         done = tree.run("-q", "-p", "sabotage", "-n", "2", "--ml-warm", SABOTAGE=sabotage, DEEP=str(deep))
         server = started_pid(done.stderr)
     finally:
-        warm.stop()
+        lifecycle.stop()
     assert done.returncode == 0 and summary(done.stdout) == "1 passed", done.stdout + done.stderr
     cold_lines = [line for line in done.stderr.splitlines() if line.endswith("; xdist workers start cold")]
     expected = f"the warm server is out of date: {deep} changed" if sabotage == "stale" else "cannot reach the warm server"
@@ -263,7 +264,7 @@ def test_warm_workers_run_torch_inference_on_their_thread_budget(ml_tree, monkey
             runs = list(zip((1, 2), pool.map(run, (1, 2))))
         servers = tree.server_pids()
     finally:
-        warm.stop()
+        lifecycle.stop()
     assert len(servers) == 1 and sum("starting a warm server" in done.stderr for _, done in runs) == 1
     for workers, done in runs:  # not -q: the header has the budget
         assert done.returncode == 0 and " 2 passed in " in done.stdout, done.stdout + done.stderr
