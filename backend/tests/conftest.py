@@ -1,6 +1,6 @@
 """Public fixtures for tests of the backend and its ML models.
 
-Read ML_MODEL_OPTIMIZATION.md beside this file. In short:
+Read ML_MODEL_OPTIMIZATION.md beside this file (the guide; docs/ holds its reference pages). In short:
 
 * ``<model>_model_cached`` (``sparse_embedding``, ``ml_classification``, ``rerank``) yield
   ``(model, tokenizer, device)`` of a real model, loaded once into a shared pool; a test that

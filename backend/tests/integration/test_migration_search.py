@@ -1,4 +1,4 @@
-"""The migration guide's integration example (ML_MODEL_OPTIMIZATION.md), before and after."""
+"""The migration guide's integration example (backend/tests/docs/migration.md), before and after."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""The migration guide's unit example (ML_MODEL_OPTIMIZATION.md), before and after."""
+"""The migration guide's unit example (backend/tests/docs/migration.md), before and after."""
 
 from unittest import mock
 
