@@ -30,6 +30,7 @@ REPO = HERE.parent
 sys.path[:0] = [str(REPO / "backend"), str(REPO / "backend" / "tests"), str(HERE)]
 
 import chart  # noqa: E402
+import concurrency  # noqa: E402
 from ml_fixtures import scaffold  # noqa: E402
 from ml_models import PROJECT  # noqa: E402
 from suite import PEER_FIXTURES, SCALE_TEST, Sizes, generate, generate_bare_unit  # noqa: E402
@@ -238,6 +239,8 @@ def markdown(results: dict) -> str:
         lines += ["", *warm_markdown(results["warm"])]
     if "peers" in results:
         lines += ["", *peers_markdown(results["peers"])]
+    if "concurrency" in results:
+        lines += ["", *concurrency.markdown(results["concurrency"])]
     return "\n".join(lines).strip()
 
 
@@ -540,7 +543,7 @@ def peers_markdown(section: dict) -> list[str]:
     return lines
 
 
-SECTIONS = ("core", "scale", "warm", "peers")
+SECTIONS = ("core", "scale", "warm", "peers", "concurrency")
 
 
 #: Configurations whose processes are the point; an in-process smoke run leaves them out.
@@ -606,6 +609,8 @@ def main(argv: list[str] | None = None, runner=None, probe=None) -> dict:
             results["warm"] = warm_section(Path(tmp), 5 if runs == 3 else runs)
         if "peers" in sections:
             results["peers"] = peers_section(Path(tmp), runs, PEERS_SMOKE_TREE if args.smoke else PEERS_TREE)
+        if "concurrency" in sections:
+            results["concurrency"] = concurrency.section(REPO, Path(tmp), runs, runs=2 if args.smoke else 4)
     results["markdown"] = markdown(results)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")

@@ -56,6 +56,8 @@ class LoadReport:
     cassettes_written: list[str] = field(default_factory=list)
     #: ``torch.cuda.memory_allocated()`` before the first load and after the last release.
     cuda: dict[str, int | None] = field(default_factory=dict)
+    #: How the run's torch threads went (a warm child's share of the CPUs), per process.
+    threads: list[str] = field(default_factory=list)
 
     def timed_load(self, key: object, load: Callable[[], LoadedModel], test: str | None, policy: object) -> LoadedModel:
         """``load()``, recorded with its time and memory, under the test that caused it and that test's directory rule."""
@@ -94,6 +96,7 @@ class LoadReport:
             "cassettes_written": self.cassettes_written,
             "cuda": self.cuda,
             "peak_rss_mb_by_worker": self.peak_rss_by_worker,
+            "threads": self.threads,
         }
 
     def merge(self, data: dict) -> None:
@@ -105,6 +108,7 @@ class LoadReport:
         self.cassettes_written += data["cassettes_written"]
         worker = next(iter(data["peak_rss_mb_by_worker"]))
         self.cuda.update({f"{worker}:{key}": value for key, value in data["cuda"].items()})
+        self.threads += [f"[{worker}] {line}" for line in data.get("threads", [])]
 
     def write_json(self, path: str) -> None:
         with open(path, "w") as f:
@@ -125,6 +129,7 @@ class LoadReport:
             lines.append(f"  outside the integration tree: {record['test']} loaded {record['model']}")
         if self.cuda and all(value is not None for value in self.cuda.values()):
             lines.append("  CUDA memory allocated: " + ", ".join(f"{k} {v} B" for k, v in sorted(self.cuda.items())))
+        lines += [f"  {line}" for line in self.threads]
         for cassette in self.cassettes_written:
             lines.append(f"  cassette recorded: {cassette}")
         for cassette in self.stale_cassettes:

@@ -80,7 +80,7 @@ def _values(choice: type[Choice]) -> str:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("ml-models", "ML model fixtures (ML_MODEL_OPTIMIZATION.md and docs/options.md beside the root conftest)")
+    group = parser.getgroup("ml-models", "ML model fixtures (ML_MODEL_OPTIMIZATION.md, docs/options.md beside the root conftest)")
     group.addoption(
         "--ml-model-scope",
         default=ModelScope.SESSION.value,
@@ -154,7 +154,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="stop the warm servers of --ml-warm that this interpreter started (every identity's), if any run, and exit",
     )
-    database = parser.getgroup("ml-database", "test_db's database (ML_MODEL_OPTIMIZATION.md and docs/database.md beside the root conftest)")
+    database = parser.getgroup("ml-database", "test_db's database (docs/database.md beside the root conftest)")
     database.addoption(
         "--db",
         default=Database.SQLITE.value,

@@ -14,7 +14,11 @@
   session, models still loaded; kept in pytest's cache); before any such run, the declared models'
   weight files plus :data:`IMPORT_MARGIN`.
 
-Both decisions are printed in the session header.
+* **Other runs.** A cold run's header says when other pytest runs of this project are using the
+  CPUs now: separate processes each size torch's thread pool to every core, and fight. Runs
+  through ``--ml-warm`` share the cores (``warm/threads.py``).
+
+These are printed in the session header.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -98,6 +103,46 @@ class ThreadBudget:
 
         user_set = tuple((name, os.environ[name]) for name in THREAD_VARIABLES if name in os.environ)
         return cls(len(parse_tx_spec_config(config)), usable_cpus(), user_set)
+
+
+def other_runs(rootpath: Path) -> list[tuple[int, str]]:
+    """Other pytest runs of the project at ``rootpath`` now: (pid, command) of each process whose
+    command runs pytest in ``rootpath`` or below, other than this one, its ancestors (a test that
+    started this run) and its descendants (its own workers)."""
+    import psutil
+
+    me = psutil.Process()
+    related = {me.pid, *(p.pid for p in me.parents()), *(p.pid for p in me.children(recursive=True))}
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        command = process.info["cmdline"] or []
+        if process.info["pid"] in related or not _runs_pytest(command):
+            continue
+        try:
+            cwd = Path(process.cwd())
+        except psutil.Error:  # gone, or not ours to look at
+            continue
+        if cwd == rootpath or rootpath in cwd.parents:
+            found.append((process.info["pid"], " ".join(command)))
+    return found
+
+
+def _runs_pytest(command: list[str]) -> bool:
+    """``pytest ...``, ``python -m pytest ...``, ``python .../bin/pytest ...``."""
+    head = command[:3]
+    return any(Path(arg).name in ("pytest", "py.test") for arg in head) or head[1:3] == ["-m", "pytest"] or "-mpytest" in head
+
+
+def other_runs_line(rootpath: Path) -> str | None:
+    runs = other_runs(rootpath)
+    if not runs:
+        return None
+    shown = "; ".join(f"pid {pid}: {command[:60]}" for pid, command in runs[:3])
+    return (
+        f"ml-models: {len(runs)} other pytest run{'s' if len(runs) > 1 else ''} of this project "
+        f"{'are' if len(runs) > 1 else 'is'} using the CPUs ({shown}); each sizes torch's threads to every core, "
+        "and they compete. Runs with --ml-warm share the cores instead"
+    )
 
 
 def apply_threads(config: pytest.Config, threads: int) -> None:
@@ -209,16 +254,21 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
 class ParallelRuns:
     """The run state of parallel runs, on the controller (budget, workers' footprints) and in each worker."""
 
-    def __init__(self, config: pytest.Config):
+    def __init__(self, config: pytest.Config, warm_threads: bool = False):
+        #: In a warm child the server's board shares the cores (``warm/threads.py``).
+        self.warm_threads = warm_threads
         self.budget = None if hasattr(config, "workerinput") else ThreadBudget.for_controller(config)
         self.worker_pss: list[int] = []
         threads = getattr(config, "workerinput", {}).get(THREADS_INPUT)
-        if threads:
+        if threads:  # a worker forked from the warm server: its ceiling (warm/threads.py takes a share under it)
             apply_threads(config, threads)
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         lines = [config.stash[auto_workers_key].line()] if auto_workers_key in config.stash else []
-        return lines + ([self.budget.line()] if self.budget else [])
+        lines += [self.budget.line()] if self.budget else []
+        warm = self.warm_threads or config.pluginmanager.has_plugin("ml-warm-workers")  # the server shares the cores
+        others = None if warm else other_runs_line(config.rootpath)
+        return lines + ([others] if others else [])
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node) -> None:

@@ -28,10 +28,11 @@ from ml_fixtures.load_report import LoadReport
 from ml_fixtures.modification import ModificationCheck
 from ml_fixtures.options import Policy, Settings
 from ml_fixtures.options import pytest_addoption as pytest_addoption  # noqa: F401 (a hook)
-from ml_fixtures.parallel import ParallelRuns, worker_id
+from ml_fixtures.parallel import THREADS_INPUT, ParallelRuns, worker_id
 from ml_fixtures.parallel import pytest_xdist_auto_num_workers as pytest_xdist_auto_num_workers  # noqa: F401 (a hook)
 from ml_fixtures.pool import ModelKey, ModelPool
 from ml_fixtures.warm import client as warm
+from ml_fixtures.warm.threads import SharedThreads
 
 ml_models_key = pytest.StashKey["MLModels"]()
 #: Model hubs are never reached from tests: the resolvers use local files only. Set for every run
@@ -64,7 +65,9 @@ def pytest_configure(config: pytest.Config) -> None:
     plugin = MLModels(config, project_of(config))
     config.stash[ml_models_key] = plugin
     config.pluginmanager.register(plugin, "ml-models")
-    config.pluginmanager.register(ParallelRuns(config), "ml-models-parallel")
+    if plugin.threads is not None:
+        config.pluginmanager.register(plugin.threads, "ml-warm-threads")
+    config.pluginmanager.register(ParallelRuns(config, warm_threads=plugin.threads is not None), "ml-models-parallel")
 
 
 def ml_models(config: pytest.Config) -> MLModels:
@@ -118,6 +121,9 @@ class MLModels:
         # Releasing the pool also undoes the tokenizer-class patch of its snapshots (mutation.py).
         config.add_cleanup(self.pool.clear)
         self.cassettes = Cassettes(self.settings.cassette_dir, self.settings.record)
+        #: In a warm child: its share of the CPUs, taken between tests (None in a cold run).
+        ceiling = getattr(config, "workerinput", {}).get(THREADS_INPUT)
+        self.threads = SharedThreads(self.uses_real_models, ceiling) if SharedThreads.applies() else None
         self.blocker = ModelBlocker(loaders_of(project))
         self.by_cached_fixture = {spec.cached_fixture: spec for spec in project.models}
         #: The test being run: module-scoped fixtures are set up on behalf of whichever test comes first.
@@ -227,6 +233,13 @@ class MLModels:
         monkeypatch.setattr(spec.service, spec.seam, lambda service: loaded)
         return loaded
 
+    def uses_real_models(self, item: pytest.Item) -> bool:
+        """Whether ``item`` runs on real models: it is marked, or uses a cached or copy fixture."""
+        names = getattr(item, "fixturenames", ())
+        return item.get_closest_marker(MARKER) is not None or any(
+            spec.cached_fixture in names or spec.copy_fixture in names for spec in self.project.models
+        )
+
     def route(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
         """Point each service's loading seam at fakes, or at the pool for tests on real models."""
         item, policy = request.node, self.enter_policy(request)
@@ -324,6 +337,7 @@ class MLModels:
         self.pool.clear()
         report.cassettes_written = [str(p) for p in self.cassettes.save()]
         report.stale_cassettes = self.cassettes.stale(self.project.models)
+        report.threads = self.threads.lines() if self.threads is not None else []
         report.finish()
         if hasattr(self.config, "workeroutput"):
             self.config.workeroutput["ml_model_report"] = report.to_dict()

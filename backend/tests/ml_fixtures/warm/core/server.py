@@ -4,7 +4,8 @@
 It binds its socket, imports what the project's models need (``$ML_WARM_PRELOAD``: torch,
 transformers, FlagEmbedding, ...) and pytest with its plugins, writes its manifest, then serves.
 For each run it forks a child (``child.py``) that becomes the caller's process; it reaps the child
-and sends its wait status back, as CPython's ``multiprocessing/forkserver.py`` does. It never runs
+and sends its wait status back, as CPython's ``multiprocessing/forkserver.py`` does. Each child has
+a slot on the server's board of runs (``cores.py``), from which it takes its share of the CPUs. It never runs
 a torch op nor touches CUDA: a process forked after OpenMP has started deadlocks in its first op,
 one forked after imports only runs models fine.
 
@@ -31,7 +32,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import child, protocol
+from . import child, cores, protocol
 from .identity import Identity, Manifest
 
 #: What a server imports when ``ML_WARM_PRELOAD`` does not say (the plugin sets it from the
@@ -96,6 +97,7 @@ class Server:
         info = os.stat(self.files.socket)
         self.listener, self.inode = listener, (info.st_dev, info.st_ino)
         listener.listen(64)
+        cores.BOARD = cores.Board()  # before any fork: every child shares its pages
         try:
             self._preload()
             Manifest.of_this_server(self.server_id, self.identity).write(self.files.manifest)
@@ -305,18 +307,26 @@ class Server:
     def _fork(self, conn: socket.socket, request: dict, fds: list[int]) -> None:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
+        slot = cores.BOARD.free_slot()
+        if slot is not None:
+            cores.BOARD.hold(slot, -1)  # taken from now on; the pid once known
         try:
             pid = os.fork()
         except OSError as exc:
+            if slot is not None:
+                cores.BOARD.release(-1)
             protocol.send_quietly(conn, {"refused": f"the warm server cannot fork: {exc}"})
             conn.close()
             return
         if pid == 0:
             try:
+                cores.SLOT = slot
                 self._close_in_child(keep=conn)
                 child.run(conn, request, fds, self.environment_added)
             finally:
                 os._exit(70)
+        if slot is not None:
+            cores.BOARD.hold(slot, pid)
         with contextlib.suppress(OSError):  # the child does the same: whichever comes first
             os.setpgid(pid, pid)
         self.runs[pid] = conn
@@ -360,6 +370,7 @@ class Server:
                 return
             if pid == 0:
                 return
+            cores.BOARD.release(pid)
             conn = self.runs.pop(pid, None)
             if conn is None:
                 continue
