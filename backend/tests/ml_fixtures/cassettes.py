@@ -85,12 +85,16 @@ class Replay:
     #: The test asking, and the cassette its module records into (named in a strict miss).
     test: str = ""
     cassette: Path | None = None
+    #: ``on_lookup(key, answer)``: each question a fake asked, with its answer (None: none recorded).
+    on_lookup: Callable[[str, object], None] | None = None
 
     def get(self, call_input: str | tuple[str, ...] | None) -> object | None:
         """The recorded output for an input of the model call (a text, or a pair as a tuple), or None."""
         if self.mode is ReplayMode.NONE:
             return None
         key = None if call_input is None else cassette_key(call_input)
+        if self.on_lookup is not None and key is not None:
+            self.on_lookup(key, self.calls.get(key))
         if key in self.calls:
             return self.calls[key]
         if self.mode is ReplayMode.STRICT:

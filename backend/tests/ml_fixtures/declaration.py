@@ -195,9 +195,13 @@ class Project:
     #: Other loader functions the guard blocks in unit trees, as "module:attribute" (``Class.method``).
     extra_loaders: tuple[str, ...] = ()
     cassette_dir: Path | None = None
+    #: The file that declares the project (found at construction): every test depends on it.
+    declared_in: str | None = field(default=None, compare=False)
     _by_name: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.declared_in is None:  # frames: __post_init__, the dataclass's __init__, the declaration
+            object.__setattr__(self, "declared_in", sys._getframe(2).f_code.co_filename)
         names = [spec.name for spec in self.models]
         duplicated = sorted({name for name in names if names.count(name) > 1})
         if duplicated:

@@ -150,6 +150,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "children of that server",
     )
     group.addoption(
+        "--ml-affected",
+        nargs="?",
+        const="last",
+        default=None,
+        metavar="REF",
+        help="run only the tests whose recorded dependencies (code, data files, models, cassette entries) changed "
+        "since the last run, plus tests with no record and tests that failed last time; with REF, also what "
+        "changed since that git revision (every run with pytest's cache records the dependencies)",
+    )
+    group.addoption(
+        "--ml-watch",
+        action="store_true",
+        help="watch the repository and, on each save, run the affected tests in a warm child (implies --ml-warm "
+        "and --ml-affected); a newer save cancels the run in progress; Ctrl-C ends it with the last run's exit code",
+    )
+    group.addoption(
         "--ml-warm-stop",
         action="store_true",
         help="stop the warm servers of --ml-warm that this interpreter started (every identity's), if any run, and exit",
@@ -177,6 +193,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def take_back_a_path(config: pytest.Config) -> None:
+    """``--ml-affected PATH``: argparse gives the option an optional value, so it took the test path
+    that followed as a revision. A value written as a separate word that names a file or directory
+    is given back to the paths (``--ml-affected=REF`` or a word that is no path is a revision)."""
+    value = config.option.ml_affected
+    if value in (None, "last") or "--ml-affected" not in map(str, config.invocation_params.args):
+        return
+    if (config.invocation_params.dir / value.partition("::")[0]).exists():
+        config.option.ml_affected = "last"
+        config.args.append(value)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the options decide, read once per run (kept in ``config.stash``)."""
@@ -192,6 +220,13 @@ class Settings:
     record: RecordMode
     replay: ReplayMode
     cassette_dir: Path
+    #: ``--ml-affected``: None, "last" (since the last run) or a git revision.
+    affected: str | None = None
+
+    def fingerprint(self, config: pytest.Config) -> str:
+        """The settings that change what a test sees (the dependency record's context)."""
+        database = config.getoption("db_url") or config.getoption("db")
+        return f"device={self.device or 'auto'} dtype={self.dtype or 'default'} replay={self.replay} db={database}"
 
     @classmethod
     def from_config(cls, config: pytest.Config, default_cassette_dir: Path) -> Settings:
@@ -206,4 +241,5 @@ class Settings:
             record=RecordMode.parse(config.getoption("ml_record"), "--ml-record"),
             replay=ReplayMode.parse(config.getoption("ml_replay"), "--ml-replay"),
             cassette_dir=Path(config.getoption("ml_cassette_dir") or default_cassette_dir),
+            affected=config.getoption("ml_affected") or ("last" if config.getoption("ml_watch") else None),
         )

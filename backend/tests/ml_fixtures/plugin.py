@@ -20,13 +20,14 @@ import pytest
 
 from _ml_fixtures_warm_core.identity import EnvironmentDefaults
 from ml_fixtures import hookspecs
+from ml_fixtures.affected.plugin import AffectedRun, answer_digest
 from ml_fixtures.cassettes import Cassettes, Replay
 from ml_fixtures.declaration import DeclarationError, LoadedModel, ModelSpec, Project
 from ml_fixtures.guard import MARKER, BlockedTest, ModelBlocker, loaders_of
 from ml_fixtures.hookspecs import project_of
 from ml_fixtures.load_report import LoadReport
 from ml_fixtures.modification import ModificationCheck
-from ml_fixtures.options import Policy, Settings
+from ml_fixtures.options import Policy, Settings, take_back_a_path
 from ml_fixtures.options import pytest_addoption as pytest_addoption  # noqa: F401 (a hook)
 from ml_fixtures.parallel import THREADS_INPUT, ParallelRuns, worker_id
 from ml_fixtures.parallel import pytest_xdist_auto_num_workers as pytest_xdist_auto_num_workers  # noqa: F401 (a hook)
@@ -62,11 +63,13 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         f"{MARKER}: run this test on real models (opts out of the automatic fake models and the unit-tree guard)",
     )
+    take_back_a_path(config)
     plugin = MLModels(config, project_of(config))
     config.stash[ml_models_key] = plugin
     config.pluginmanager.register(plugin, "ml-models")
     if plugin.threads is not None:
         config.pluginmanager.register(plugin.threads, "ml-warm-threads")
+    config.pluginmanager.register(plugin.affected, "ml-affected")
     config.pluginmanager.register(ParallelRuns(config, warm_threads=plugin.threads is not None), "ml-models-parallel")
 
 
@@ -120,7 +123,9 @@ class MLModels:
         )
         # Releasing the pool also undoes the tokenizer-class patch of its snapshots (mutation.py).
         config.add_cleanup(self.pool.clear)
-        self.cassettes = Cassettes(self.settings.cassette_dir, self.settings.record)
+        #: The dependency record, and --ml-affected.
+        self.affected = AffectedRun(config, self, self.settings.affected, self.settings.fingerprint(config))
+        self.cassettes = Cassettes(self.settings.cassette_dir, self.settings.record, self.affected.fingerprints)
         #: In a warm child: its share of the CPUs, taken between tests (None in a cold run).
         ceiling = getattr(config, "workerinput", {}).get(THREADS_INPUT)
         self.threads = SharedThreads(self.uses_real_models, ceiling) if SharedThreads.applies() else None
@@ -207,6 +212,7 @@ class MLModels:
 
     def pooled(self, spec: ModelSpec, path: Path | None = None) -> LoadedModel:
         """``spec``'s real model from the pool (loaded there on first use)."""
+        self.affected.used_model(spec.model_name)
         settings = self.settings
         return self.pool.acquire(self.key(spec, path), lambda: spec.load_real(path, settings.device, settings.dtype))
 
@@ -225,6 +231,7 @@ class MLModels:
     def private_copy(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, spec: ModelSpec) -> LoadedModel:
         """A fresh load of ``spec``'s model for one test, outside the pool; the test's services use it."""
         self.refuse_unmarked(request.node, self.enter_policy(request), spec.copy_fixture)
+        self.affected.used_model(spec.model_name)
         settings = self.settings
         try:
             loaded = self._timed_load(self.key(spec, private=True), lambda: spec.load_real(None, settings.device, settings.dtype))
@@ -232,6 +239,21 @@ class MLModels:
             pytest.skip(f"{spec.copy_fixture}: {exc}")
         monkeypatch.setattr(spec.service, spec.seam, lambda service: loaded)
         return loaded
+
+    def fingerprint(self, model_name: str) -> str | None:
+        """The fingerprint of a declared model's default model now (None: not on disk, or no longer declared)."""
+        try:
+            return self.cassettes.current_fingerprint(self.project.spec_for(model_name))
+        except KeyError:
+            return None
+
+    def answer(self, model_name: str, key: str) -> str:
+        """The digest of what the fakes would answer now for ``key`` ("" for nothing recorded)."""
+        try:
+            spec = self.project.spec_for(model_name)
+        except KeyError:
+            return ""
+        return answer_digest(self.cassettes.replay_index(spec).get(key))
 
     def uses_real_models(self, item: pytest.Item) -> bool:
         """Whether ``item`` runs on real models: it is marked, or uses a cached or copy fixture."""
@@ -246,6 +268,7 @@ class MLModels:
         used = [spec for spec in self.project.models if spec.cached_fixture in request.fixturenames]
         for spec in used:
             self.refuse_unmarked(item, policy, spec.cached_fixture)
+            self.affected.used_model(spec.model_name)
             loaded = request.getfixturevalue(spec.cached_fixture)
             if isinstance(loaded, UnavailableModel):
                 pytest.skip(loaded.reason)
@@ -259,8 +282,9 @@ class MLModels:
             return
         for spec in self.project.models:
             replay = Replay(
-                self.cassettes.replay_index(spec), self.settings.replay, spec.model_name, item.nodeid, cassette
-            )
+                self.cassettes.replay_index(spec), self.settings.replay, spec.model_name, item.nodeid, cassette,
+                on_lookup=lambda key, answer, model=spec.model_name: self.affected.looked_up(model, key, answer),
+            )  # fmt: skip
             monkeypatch.setattr(spec.service, spec.seam, lambda service, s=spec, r=replay: s.make_fake(r))
         if policy is Policy.UNIT:
             self.blocker.guard_test(request, monkeypatch, BlockedTest.of(item, policy))
