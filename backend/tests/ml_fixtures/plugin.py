@@ -49,7 +49,7 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 def pytest_cmdline_main(config: pytest.Config) -> int | None:
     """``--ml-warm``: hand the whole session to a warm server's child; ``--ml-warm-stop``: stop it."""
     variables = dict(OFFLINE_ENVIRONMENT)
-    if config.getoption("ml_warm") and not warm.is_child(config):
+    if (config.getoption("ml_warm") or config.getoption("ml_watch")) and not warm.is_child(config):
         preload = project_of(config).preload
         if not preload:  # no conftest declares a project here (a path that does not exist, say)
             warm.say("no project declares its models here (pytest_ml_project); running cold")

@@ -78,7 +78,7 @@ class Context:
 
     def differences(self, then: dict[str, str]) -> list[str]:
         """What differs from ``then`` (an earlier context's components), in words."""
-        found = []
+        found, files = [], []
         for name in sorted(self.components.keys() | then.keys()):
             now, before = self.components.get(name), then.get(name)
             if now == before:
@@ -87,9 +87,12 @@ class Context:
                 found.append(_packages_changed(json.loads(before or "[]"), json.loads(now or "[]")))
             elif name.startswith("file:"):
                 path = name.removeprefix("file:")
-                found.append(f"{path} {'is new' if before is None else 'is gone' if now in (None, '(gone)') else 'changed'}")
+                files.append(f"{path} {'is new' if before is None else 'is gone' if now in (None, '(gone)') else 'changed'}")
             else:
                 found.append(f"{name}: {before} -> {now}")
+        if files:  # one line: every test depends on each of them
+            others = len(files) - 1
+            found.append(files[0] + (f" (and {others} more file{'s' if others > 1 else ''} every test depends on)" if others else ""))
         return found
 
 

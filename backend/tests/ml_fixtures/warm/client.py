@@ -10,6 +10,7 @@ process then follows the child (``core/caller.py``) and exits as it did. Under x
 
 from __future__ import annotations
 
+import socket
 import sys
 
 from _ml_fixtures_warm_core import caller, protocol
@@ -29,7 +30,13 @@ def cmdline_main(config, env_defaults: EnvironmentDefaults) -> int | None:
     child, an xdist worker or controller)."""
     if config.getoption("ml_warm_stop"):
         return lifecycle.stop()
-    if not config.getoption("ml_warm") or is_child(config) or hasattr(config, "workerinput"):
+    if is_child(config) or hasattr(config, "workerinput"):
+        return None
+    if config.getoption("ml_watch"):
+        from ml_fixtures.warm import watch  # its watcher (watchfiles) only here
+
+        return watch.main(config, env_defaults)
+    if not config.getoption("ml_warm"):
         return None
     xdist = xdist_options(config)
     if xdist:
@@ -90,13 +97,17 @@ def caller_state(config) -> dict:
 def run(state: dict, args: list[str], env_defaults: EnvironmentDefaults) -> int | None:
     """Run ``pytest args`` in a child of the warm server; its exit code, or None to run cold."""
     try:
-        return _run(state, args, env_defaults)
+        started = start(state, args, env_defaults)
+        return None if started is None else caller.follow(*started, set(state["ignored_signals"]))
     except KeyboardInterrupt:
         say("interrupted")
         return 2
 
 
-def _run(state: dict, args: list[str], env_defaults: EnvironmentDefaults) -> int | None:
+def start(state: dict, args: list[str], env_defaults: EnvironmentDefaults) -> tuple[socket.socket, int] | None:
+    """Have a current warm server fork a child that runs ``pytest args`` as this caller would: the
+    connection on which its end will come, and its pid; None (said why) where it cannot."""
+
     def send_run(files: ServerFiles, manifest: Manifest):
         request = {"op": "run", "server": manifest.server_id, "entry": "pytest", "args": args, "caller": state}
         for stream in (sys.stdout, sys.stderr):
@@ -120,4 +131,4 @@ def _run(state: dict, args: list[str], env_defaults: EnvironmentDefaults) -> int
         conn.close()
         say(f"{protocol.refusal(reply)}; running cold")
         return None
-    return caller.follow(conn, reply["started"], set(state["ignored_signals"]))
+    return conn, reply["started"]

@@ -63,42 +63,70 @@ def _umask() -> int:
     return mask
 
 
-def follow(conn: socket.socket, child: int, ignored: set[int]) -> int:
-    """Wait for the child's end, passing signals on; exit as it did, or die by the signal it died by."""
+class Forwarding:
+    """While a child runs: the terminal's signals to its process group, the others to it alone;
+    Ctrl-Z stops the child, then this process, as it would have. ``handlers`` replace some."""
 
-    def to_group(signum, frame):
+    def __init__(self, child: int, ignored: set[int], handlers: dict | None = None):
+        self.child, self.ignored = child, ignored
+        self.handlers = {getattr(signal, name): self.to_group for name in TERMINAL_SIGNALS}
+        self.handlers |= {getattr(signal, name): self.to_child for name in PROCESS_SIGNALS}
+        self.handlers[signal.SIGTSTP] = self.stop_too
+        self.handlers |= handlers or {}
+        self.previous: dict = {}
+
+    def to_group(self, signum, frame) -> None:
         with contextlib.suppress(OSError):
-            os.killpg(child, signum)
+            os.killpg(self.child, signum)
 
-    def to_child(signum, frame):
+    def to_child(self, signum, frame) -> None:
         with contextlib.suppress(OSError):
-            os.kill(child, signum)
+            os.kill(self.child, signum)
 
-    def stop_too(signum, frame):  # Ctrl-Z: the child stops, then this process as it would have
-        to_group(signum, frame)
+    def stop_too(self, signum, frame) -> None:
+        self.to_group(signum, frame)
         signal.signal(signal.SIGTSTP, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTSTP)
-        signal.signal(signal.SIGTSTP, stop_too)
+        signal.signal(signal.SIGTSTP, self.stop_too)
 
-    handlers = {getattr(signal, name): to_group for name in TERMINAL_SIGNALS}
-    handlers |= {getattr(signal, name): to_child for name in PROCESS_SIGNALS}
-    handlers[signal.SIGTSTP] = stop_too
-    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items() if sig not in ignored}
-    try:
-        conn.settimeout(None)
-        reply = protocol.receive(conn)
-    finally:
-        for sig, handler in previous.items():
+    def __enter__(self) -> Forwarding:
+        self.previous = {sig: signal.signal(sig, h) for sig, h in self.handlers.items() if sig not in self.ignored}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-        conn.close()
+
+
+def status(reply: dict | None) -> int | None:
+    """The child's wait status from the server's last message: its exit code, or minus the signal
+    that ended it; None when the server went away."""
     if reply is None:
-        with contextlib.suppress(OSError):
-            os.killpg(child, signal.SIGKILL)
-        protocol.say("the warm server went away during the run (see its log); the run was stopped")
-        return 1
-    if "signal" in reply:
-        die_by(reply["signal"])
-    return reply["exit"]
+        return None
+    return -reply["signal"] if "signal" in reply else reply["exit"]
+
+
+def gone_server(child: int) -> int:
+    """The server went away during the run: stop what is left of it."""
+    with contextlib.suppress(OSError):
+        os.killpg(child, signal.SIGKILL)
+    protocol.say("the warm server went away during the run (see its log); the run was stopped")
+    return 1
+
+
+def follow(conn: socket.socket, child: int, ignored: set[int]) -> int:
+    """Wait for the child's end, passing signals on; exit as it did, or die by the signal it died by."""
+    try:
+        with Forwarding(child, ignored):
+            conn.settimeout(None)
+            ended = status(protocol.receive(conn))
+    finally:
+        conn.close()
+    if ended is None:
+        return gone_server(child)
+    if ended < 0:
+        die_by(-ended)
+    return ended
 
 
 def die_by(signum: int) -> None:
