@@ -92,7 +92,8 @@ class Context:
                 found.append(f"{name}: {before} -> {now}")
         if files:  # one line: every test depends on each of them
             others = len(files) - 1
-            found.append(files[0] + (f" (and {others} more file{'s' if others > 1 else ''} every test depends on)" if others else ""))
+            more = f" (and {others} more file{'s' if others > 1 else ''} every test depends on)" if others else ""
+            found.append(files[0] + more)
         return found
 
 
