@@ -248,11 +248,14 @@ class MLModels:
             return None
 
     def answer(self, model_name: str, key: str) -> str:
-        """The digest of what the fakes would answer now for ``key`` ("" for nothing recorded)."""
+        """The digest of what the fakes would answer now for ``key`` ("" for nothing recorded; "?"
+        while the model is not on disk: which cassettes are stale is only known once it is built)."""
         try:
             spec = self.project.spec_for(model_name)
         except KeyError:
             return ""
+        if self.cassettes.current_fingerprint(spec) is None:
+            return "?"
         return answer_digest(self.cassettes.replay_index(spec).get(key))
 
     def uses_real_models(self, item: pytest.Item) -> bool:

@@ -53,7 +53,14 @@ class AffectedRun:
             raise pytest.UsageError(
                 "--ml-affected needs pytest's cache (the cacheprovider plugin); it is disabled (-p no:cacheprovider)"
             )
+        #: From now on (the collection imports modules that may read data files), unless a run in
+        #: this process records already (a pytester session inside a test: the outer run sees it).
         self.recorder: DependencyRecorder | None = None
+        if self.record is not None and not DependencyRecorder.nested():
+            cassettes = relative(models.settings.cassette_dir, self.root) or str(models.settings.cassette_dir)
+            self.recorder = DependencyRecorder(self.root, cassettes)
+            self.recorder.begin()
+            config.add_cleanup(self.recorder.end)  # also where the session never finishes (a usage error)
         #: The models' fingerprints, for the cassettes (staleness) and the record.
         self.fingerprints = Fingerprints(fingerprint, self._fingerprint_memo)
         self.snapshots: list[Snapshot] = []
@@ -187,14 +194,11 @@ class AffectedRun:
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> None:
         """Trace the tests this process runs (none: nothing to start)."""
-        if self.record is None or self.controller or not session.items or session.config.option.collectonly:
-            return
-        if DependencyRecorder.nested():
+        if self.recorder is None or self.controller or not session.items or session.config.option.collectonly:
             return
         excluded = [LIBRARY, *conftest_files(self.config)]
         search = [Path(p) for p in sys.path if relative(p or ".", self.root) is not None or Path(p or ".").resolve() == self.root]
-        self.recorder = DependencyRecorder(self.root, excluded, search, self.stale_files)
-        self.recorder.begin()
+        self.recorder.prepare(excluded, search, self.stale_files)
         self.config.pluginmanager.register(self.recorder, "ml-affected-recorder")
 
     def used_model(self, model: str) -> None:

@@ -86,7 +86,7 @@ class _Audit:
             for capture in cls.captures:
                 capture.add(os.path.abspath(os.fsdecode(args[0])))
         recorder = cls.recorder
-        if recorder is None or recorder.current is None:
+        if recorder is None:
             return
         if event == "open":
             path, mode, flags = args
@@ -95,7 +95,7 @@ class _Audit:
             )
             if isinstance(path, (str, bytes, os.PathLike)) and not writing and not isinstance(path, int):
                 recorder.opened(os.fsdecode(path))
-        elif event in SPAWN_EVENTS:
+        elif event in SPAWN_EVENTS and recorder.current is not None:
             recorder.spawned.add(recorder.current)
 
 
@@ -117,19 +117,23 @@ class DependencyRecorder:
     #: The recorders of this process, outermost first: a pytester session inside a run records nothing.
     active: list[DependencyRecorder] = []
 
-    def __init__(self, root: Path, excluded: list[Path], search: list[Path], traced_files: set[str] | None):
+    def __init__(self, root: Path, cassettes: str):
         self.root = root
-        #: The test files whose tests are traced (None: all).
-        self.traced_files = traced_files
+        #: The cassettes' directory (relative): they are answers (lookups), not data files.
+        self.cassettes = cassettes
+        #: The test files whose tests are traced (None: all); set after the collection.
+        self.traced_files: set[str] | None = None
         #: Files every test depends on anyway (the library, the conftests): not traced, for speed.
-        self.excluded = excluded
+        self.excluded: list[Path] = []
         #: ``sys.path``'s entries under the repository: where its modules are found.
-        self.search = search
+        self.search: list[Path] = []
         self.coverage = None
         self.tracing = False
         #: The test being traced (nodeid), or None between tests and in tests whose record stands.
         self.current: str | None = None
         self.opened_files: dict[str, set[str]] = defaultdict(set)
+        #: Repository module -> the data files its code opened in this process.
+        self.opened_by_module: dict[str, set[str]] = defaultdict(set)
         self.spawned: set[str] = set()
         self.models: dict[str, set[str]] = defaultdict(set)
         self.lookups: dict[str, set[tuple[str, str, str]]] = defaultdict(set)
@@ -149,18 +153,25 @@ class DependencyRecorder:
         coverage = sys.modules.get("coverage")
         return coverage is not None and coverage.Coverage.current() is not None
 
+    def prepare(self, excluded: list[Path], search: list[Path], traced_files: set[str] | None) -> None:
+        """After the collection: what not to trace, where modules are found, which test files to trace."""
+        self.excluded, self.search, self.traced_files = excluded, search, traced_files
+
     def begin(self) -> None:
         DependencyRecorder.active.append(self)
         _Audit.install()
         _Audit.recorder = self
 
     def end(self) -> None:
+        """Stop tracing and listening (again: nothing)."""
         if self.coverage is not None and self.tracing:
             self.coverage.switch_context("")
             self.coverage.stop()
+            self.tracing = False
         if _Audit.recorder is self:
             _Audit.recorder = None
-        DependencyRecorder.active.remove(self)
+        if self in DependencyRecorder.active:
+            DependencyRecorder.active.remove(self)
 
     def _trace(self, on: bool) -> None:
         """Tracing on for a test file whose records are stale, off for the others (started once, on first need)."""
@@ -221,11 +232,22 @@ class DependencyRecorder:
     # ------------------------------------------------------------ what the plugin and the audit hook tell
 
     def opened(self, path: str) -> None:
-        if self.current is None:
-            return
+        """A file opened for reading: the test's, and the repository modules' whose code opened it.
+
+        A module that read a file once (a cache, or at import) hands what it read to every later
+        caller: each test that runs or imports one of those modules depends on the file too.
+        """
         name = relative(path, self.root)
-        if name is not None and not name.endswith((".py", ".pyc", ".sqlite", ".sqlite-journal")):
+        if name is None or name.endswith((".py", ".pyc", ".sqlite", ".sqlite-journal")) or name.startswith(self.cassettes):
+            return
+        if self.current is not None:
             self.opened_files[self.current].add(name)
+        frame = sys._getframe(2)
+        while frame is not None:
+            module = relative(frame.f_code.co_filename, self.root)
+            if module is not None and module.endswith(".py"):
+                self.opened_by_module[module].add(name)
+            frame = frame.f_back
 
     def used_model(self, model: str) -> None:
         if self.current is not None:
@@ -284,7 +306,10 @@ class DependencyRecorder:
                     if digests is not None:
                         name = relative(path, self.root)
                         blocks.update((name, block, digests.get(block, "")) for block in names)
-            data = {(name, file_digest(name)) for name in self.opened_files.get(nodeid, ())}
+            names = set(self.opened_files.get(nodeid, ()))
+            for module in {path for path, _ in modules} | {path for path, _, _ in blocks}:
+                names |= self.opened_by_module.get(module, set())
+            data = {(name, file_digest(name)) for name in names}
             if nodeid in self.spawned:
                 data.update((name, file_digest(name)) for name in every_source())
             models = {(model, fingerprint(model) or "") for model in self.models.get(nodeid, ())}

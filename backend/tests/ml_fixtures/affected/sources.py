@@ -3,7 +3,9 @@ and the repository files it imports.
 
 A block is a function (a method: ``Class.method``) defined at the top of the module or of a class
 at its top; a nested function belongs to the block around it. What is left — imports, constants,
-class bodies, decorators and signatures — is the module block, ``<module>``, run at import. Digests
+class bodies, decorators and signatures — is the module block, ``<module>``, run at import. A
+function whose result is cached (``functools.cache``, ``lru_cache``, ``cached_property``) belongs to
+the module block too: only its first caller runs its body, every later one uses what it made. Digests
 are of the AST without docstrings: a change to a comment, a docstring or the layout changes no
 digest; a change to a function's body changes its own, and a change at module level (a constant,
 a new function, a signature) the module's.
@@ -33,15 +35,27 @@ def _without_docstring(body: list[ast.stmt]) -> list[ast.stmt]:
     return body
 
 
+CACHING = {"cache", "lru_cache", "cached_property"}
+
+
+def _cached(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    for decorator in node.decorator_list:
+        target = decorator.func if isinstance(decorator, ast.Call) else decorator
+        name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", None)
+        if name in CACHING:
+            return True
+    return False
+
+
 def _top_functions(tree: ast.Module) -> list[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
-    """(name, node) of each top-level function and each method of a top-level class."""
+    """(name, node) of each top-level function and each method of a top-level class, but cached ones."""
     found = []
     for node in tree.body:
         if isinstance(node, _FUNCTIONS):
             found.append((node.name, node))
         elif isinstance(node, ast.ClassDef):
             found += [(f"{node.name}.{item.name}", item) for item in node.body if isinstance(item, _FUNCTIONS)]
-    return found
+    return [(name, node) for name, node in found if not _cached(node)]
 
 
 class _Skeleton(ast.NodeTransformer):
