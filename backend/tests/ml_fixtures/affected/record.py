@@ -61,6 +61,8 @@ class Dependencies:
 
 @dataclass(frozen=True)
 class TestRecord:
+    __test__ = False  # not a test class, for pytest's collection
+
     nodeid: str
     #: "passed", "failed", "skipped" (a test whose set-up or teardown failed: "failed").
     outcome: str
