@@ -138,16 +138,16 @@ class AffectedRun:
             self._say(len(keep) + len(gone))
 
     def _deleted(self, items: list[pytest.Item]) -> list[str]:
-        """Recorded tests that are gone: their file is, or it was collected without them."""
+        """Recorded tests that are gone: their file is, or it was collected whole without them (not
+        under ``--lf``, which collects only the failed tests of a file, nor ``file.py::test``)."""
         collected = {item.nodeid for item in items}
-        files = {nodeid.partition("::")[0] for nodeid in collected}
+        whole = not self.config.getoption("lf", False) and not any("::" in str(arg) for arg in self.config.args)
+        files = {nodeid.partition("::")[0] for nodeid in collected} if whole else set()
         return [
             nodeid
             for nodeid in self.record.outcomes()
             if nodeid not in collected
-            and (
-                nodeid.partition("::")[0] in files or not (self.config.invocation_params.dir / nodeid.partition("::")[0]).exists()
-            )
+            and (nodeid.partition("::")[0] in files or not (self.root / nodeid.partition("::")[0]).exists())
         ]
 
     @pytest.hookimpl(optionalhook=True)
