@@ -31,6 +31,7 @@ sys.path[:0] = [str(REPO / "backend"), str(REPO / "backend" / "tests"), str(HERE
 
 import chart  # noqa: E402
 import concurrency  # noqa: E402
+import selection  # noqa: E402
 from ml_fixtures import scaffold  # noqa: E402
 from ml_models import PROJECT  # noqa: E402
 from suite import PEER_FIXTURES, SCALE_TEST, Sizes, generate, generate_bare_unit  # noqa: E402
@@ -241,6 +242,8 @@ def markdown(results: dict) -> str:
         lines += ["", *peers_markdown(results["peers"])]
     if "concurrency" in results:
         lines += ["", *concurrency.markdown(results["concurrency"])]
+    if "selection" in results:
+        lines += ["", *selection.markdown(results["selection"])]
     return "\n".join(lines).strip()
 
 
@@ -543,7 +546,7 @@ def peers_markdown(section: dict) -> list[str]:
     return lines
 
 
-SECTIONS = ("core", "scale", "warm", "peers", "concurrency")
+SECTIONS = ("core", "scale", "warm", "peers", "concurrency", "selection")
 
 
 #: Configurations whose processes are the point; an in-process smoke run leaves them out.
@@ -611,6 +614,8 @@ def main(argv: list[str] | None = None, runner=None, probe=None) -> dict:
             results["peers"] = peers_section(Path(tmp), runs, PEERS_SMOKE_TREE if args.smoke else PEERS_TREE)
         if "concurrency" in sections:
             results["concurrency"] = concurrency.section(REPO, Path(tmp), runs, runs=2 if args.smoke else 4)
+        if "selection" in sections:
+            results["selection"] = selection.section(runs)
     results["markdown"] = markdown(results)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")

@@ -11,9 +11,11 @@ The scratch tree is a git repository (the baseline committed), so an edit is und
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -215,3 +217,29 @@ EDITS = (
     ),
     Edit("a data file a test reads", replace("backend/tests/unit/data/expected.json", '"sports"', '"finance"')),
 )
+
+
+class Scratch:
+    """The scratch repository and its runs: warm by default (``python``: another interpreter, e.g. a
+    virtualenv with pytest-testmon; ``warm``: off, for plugins of its own)."""
+
+    def __init__(self, root: Path, warm_dir: Path, python: str = sys.executable, warm: bool = True):
+        self.root, self.python, self.warm = root, python, warm
+        self.env = {**os.environ, "ML_WARM_DIR": str(warm_dir), "PYTHONDONTWRITEBYTECODE": ""}
+        lay_out(root)
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        command = [self.python, "-m", "pytest", *(["--ml-warm"] if self.warm else []), "-q", *args]
+        return subprocess.run(command, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=600)
+
+    def selected(self, *args: str, selector: tuple[str, ...] = ("--ml-affected",)) -> tuple[set[str], str]:
+        """The node ids a collection-only run with ``selector`` keeps."""
+        done = self.run("--co", *selector, *args)
+        if done.returncode not in (0, 5):
+            raise RuntimeError(f"pytest --co {' '.join(selector)} failed:\n{done.stdout}{done.stderr}")
+        return {line for line in done.stdout.splitlines() if "::" in line and " " not in line}, done.stdout
+
+    def failing(self) -> set[str]:
+        """The tests that fail (or error) in a full run that records nothing."""
+        done = self.run("-p", "no:cacheprovider", "-rfE")
+        return set(re.findall(r"^(?:FAILED|ERROR) (\S+::\S+)", done.stdout, re.MULTILINE))

@@ -5,39 +5,13 @@ through one warm server (each run imports the scratch's application afresh)."""
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from ml_fixtures.warm import lifecycle
 from selftests import edit_set
+from selftests.edit_set import Scratch
 
 pytestmark = pytest.mark.slow  # real processes: `make test-slow` (pytest.ini)
-
-
-class Scratch:
-    def __init__(self, root: Path, warm_dir: Path):
-        self.root = root
-        self.env = {**os.environ, "ML_WARM_DIR": str(warm_dir), "PYTHONDONTWRITEBYTECODE": ""}
-        edit_set.lay_out(root)
-
-    def run(self, *args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "pytest", "--ml-warm", "-q", *args]
-        return subprocess.run(command, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=600)
-
-    def selected(self, *args: str) -> tuple[set[str], str]:
-        done = self.run("--co", "--ml-affected", *args)
-        assert done.returncode in (0, 5), done.stdout + done.stderr
-        return {line for line in done.stdout.splitlines() if "::" in line and " " not in line}, done.stdout
-
-    def failing(self) -> set[str]:
-        """The tests that fail (or error) in a full run that records nothing."""
-        done = self.run("-p", "no:cacheprovider", "-rfE")
-        return set(re.findall(r"^(?:FAILED|ERROR) (\S+::\S+)", done.stdout, re.MULTILINE))
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,7 @@ class AffectedRun:
         #: From now on (the collection imports modules that may read data files), unless a run in
         #: this process records already (a pytester session inside a test: the outer run sees it).
         self.recorder: DependencyRecorder | None = None
-        if self.record is not None and not DependencyRecorder.nested():
+        if self.record is not None and not DependencyRecorder.nested() and not _measures_coverage(config):
             cassettes = relative(models.settings.cassette_dir, self.root) or str(models.settings.cassette_dir)
             self.recorder = DependencyRecorder(self.root, cassettes)
             self.recorder.begin()
@@ -212,8 +212,8 @@ class AffectedRun:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self.mode is not None and not self.selected and session.exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
             session.exitstatus = pytest.ExitCode.OK  # nothing affected is a result, not an error
-        if self.record is None:
-            return
+        if self.record is None or self.config.option.collectonly:
+            return  # a collection alone (what would run?) leaves the record as it was
         snapshot = self._snapshot()
         if hasattr(self.config, "workeroutput"):
             self.config.workeroutput[SNAPSHOT_OUTPUT] = _to_json(snapshot)
@@ -265,6 +265,13 @@ class AffectedRun:
         data = getattr(node, "workeroutput", {}).get(SNAPSHOT_OUTPUT)
         if data:
             self.snapshots.append(_from_json(data))
+
+
+def _measures_coverage(config: pytest.Config) -> bool:
+    """pytest-cov or pytest-testmon measures coverage in this run: one tracer a thread, theirs."""
+    option = config.option
+    testmon = any(getattr(option, name, False) for name in ("testmon", "testmon_noselect", "testmon_forceselect"))
+    return testmon or bool(getattr(option, "cov_source", None))
 
 
 def _to_json(snapshot: Snapshot) -> str:

@@ -129,6 +129,8 @@ class DependencyRecorder:
         self.search: list[Path] = []
         self.coverage = None
         self.tracing = False
+        #: Another coverage measurement got in the way: nothing traced this run is recorded.
+        self.unreliable = False
         #: The test being traced (nodeid), or None between tests and in tests whose record stands.
         self.current: str | None = None
         self.opened_files: dict[str, set[str]] = defaultdict(set)
@@ -165,9 +167,7 @@ class DependencyRecorder:
     def end(self) -> None:
         """Stop tracing and listening (again: nothing)."""
         if self.coverage is not None and self.tracing:
-            self.coverage.switch_context("")
-            self.coverage.stop()
-            self.tracing = False
+            self._trace(False)
         if _Audit.recorder is self:
             _Audit.recorder = None
         if self in DependencyRecorder.active:
@@ -180,11 +180,17 @@ class DependencyRecorder:
 
             omit = [f"{path}/*" if path.is_dir() else str(path) for path in self.excluded]
             self.coverage = coverage.Coverage(data_file=None, config_file=False, source=[str(self.root)], omit=omit)
-        if on and not self.tracing:
+        if on and not self.tracing and not self.unreliable:
             self.coverage.start()
         elif not on and self.tracing:
+            if self.coverage.current() is not self.coverage:
+                # Another measurement started on top of this one (a plugin that starts coverage lazily):
+                # neither can stop now without breaking the other; this run's traces are not to be trusted.
+                self.unreliable = True
+                return
+            self.coverage.switch_context("")
             self.coverage.stop()
-        self.tracing = on
+        self.tracing = on and not self.unreliable
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem):
@@ -289,7 +295,7 @@ class DependencyRecorder:
 
         records = []
         for nodeid, outcome in self.outcomes.items():
-            if nodeid not in self.test_files:
+            if nodeid not in self.test_files or self.unreliable:
                 continue  # not traced: its record stands, with this outcome
             test_file = Path(self.test_files.get(nodeid, self.root / nodeid.partition("::")[0]))
             if str(test_file) not in closures:
