@@ -49,12 +49,17 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 def pytest_cmdline_main(config: pytest.Config) -> int | None:
     """``--ml-warm``: hand the whole session to a warm server's child; ``--ml-warm-stop``: stop it."""
     variables = dict(OFFLINE_ENVIRONMENT)
-    if (config.getoption("ml_warm") or config.getoption("ml_watch")) and not warm.is_child(config):
+    watching = config.getoption("ml_watch") and not warm.is_child(config) and not hasattr(config, "workerinput")
+    if (config.getoption("ml_warm") or watching) and not warm.is_child(config):
         preload = project_of(config).preload
         if not preload:  # no conftest declares a project here (a path that does not exist, say)
             warm.say("no project declares its models here (pytest_ml_project); running cold")
             return None
         variables["ML_WARM_PRELOAD"] = ",".join(preload)  # the server imports what the project's models use
+    if watching:
+        from ml_fixtures.warm import watch  # its watcher (watchfiles) only here
+
+        return watch.main(config, EnvironmentDefaults.of(variables))
     return warm.cmdline_main(config, EnvironmentDefaults.of(variables))
 
 

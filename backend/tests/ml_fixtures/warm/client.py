@@ -30,13 +30,7 @@ def cmdline_main(config, env_defaults: EnvironmentDefaults) -> int | None:
     child, an xdist worker or controller)."""
     if config.getoption("ml_warm_stop"):
         return lifecycle.stop()
-    if is_child(config) or hasattr(config, "workerinput"):
-        return None
-    if config.getoption("ml_watch"):
-        from ml_fixtures.warm import watch  # its watcher (watchfiles) only here
-
-        return watch.main(config, env_defaults)
-    if not config.getoption("ml_warm"):
+    if not config.getoption("ml_warm") or is_child(config) or hasattr(config, "workerinput"):
         return None
     xdist = xdist_options(config)
     if xdist:
