@@ -277,8 +277,12 @@ class MLModels:
         """What the real models' outputs come from now: the project's packages, the device, the dtype."""
         return environment(self.project.environment_packages, device, self.settings.dtype)
 
+    def _user(self, test: str) -> str:
+        """Whose use it is: the test being run (a fake cached by a module-scoped fixture answers for each), else ``test``."""
+        return test if self.item is None else self.item.nodeid
+
     def _replayed(self, test: str, spec: ModelSpec, key: str) -> None:
-        self.usage.note(test, self.cassettes.replayed(spec, key), Use.REPLAYED)
+        self.usage.note(self._user(test), self.cassettes.replayed(spec, key), Use.REPLAYED)
 
     def _watch_model_calls(self, monkeypatch: pytest.MonkeyPatch, test: str, cassette: Path, spec: ModelSpec) -> None:
         """Wrap the service's model call, for a test on the real model: each call of the default model whose entry
@@ -295,7 +299,7 @@ class MLModels:
             if spec.path_of(service) is None:  # only the default model has cassette entries
                 for key, value in spec.call_entries(service, args, kwargs, output):
                     if (record is not None and record(key, value)) or key in held:
-                        self.usage.note(test, EntryRef(name, spec.model_name, key), Use.RECORDED)
+                        self.usage.note(self._user(test), EntryRef(name, spec.model_name, key), Use.RECORDED)
             return output
 
         monkeypatch.setattr(spec.service, spec.call.method, watched)

@@ -231,6 +231,12 @@ def _environment(values: dict | None) -> str:
     return ", ".join(value if name == "device" else f"{name} {value}" for name, value in items)
 
 
+def _declared(declared: dict) -> str:
+    """``SparseWeights(atol=0.001, margin=0.01, min_jaccard=1.0)``."""
+    settings = ", ".join(f"{name}={value}" for name, value in declared.items() if name != "comparison")
+    return f"{declared['comparison']}({settings})"
+
+
 def _worst(model: ModelDrift, with_entry: bool) -> str:
     worst = model.worst()
     if worst is None:
@@ -265,9 +271,10 @@ def terminal_lines(report: DriftReport) -> list[str]:
         counts = f"{checked:7d}  {noise:5d}  {numeric:7d}  {decisions:8d}  {model.seconds:7.2f}"
         lines.append(f"  {name.ljust(width)}  {counts}  {_worst(model, False)}")
     for name, model in sorted(report.models.items()):
-        summary = data["models"][name]["measures"]
-        if summary:
-            lines.append(f"  {name}: " + ", ".join(f"{measure} {value:.3g}" for measure, value in summary.items()))
+        row = data["models"][name]
+        if row["measures"]:
+            measures = ", ".join(f"{measure} {value:.3g}" for measure, value in row["measures"].items())
+            lines.append(f"  {name}: {measures}, compared as {_declared(row['declared'])}")
         lines += [f"  {name}: {line}" for line in _sides(model)]
     for name in report.undeclared:
         lines.append(f"  {name}: not declared in the project (nothing replays it); not verified")
@@ -312,7 +319,7 @@ def markdown(report: DriftReport, limit: int = 20) -> str:
         row = data["models"][name]
         lines += ["", f"### `{name}`", ""]
         if row["declared"]:
-            lines.append("- compared as " + ", ".join(f"{k}={v}" for k, v in row["declared"].items()))
+            lines.append(f"- compared as `{_declared(row['declared'])}`")
         if row["measures"]:
             lines.append("- " + ", ".join(f"{measure} {value:.3g}" for measure, value in row["measures"].items()))
         lines += [f"- {_cell(line)}" for line in _sides(model)]

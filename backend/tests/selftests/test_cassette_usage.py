@@ -56,6 +56,33 @@ def test_each_test_notes_the_entries_it_replayed_or_recorded(ml_tree, tree):
     assert set(data["selection"]["outcomes"]) == set(tests) and set(data["selection"]["outcomes"].values()) == {"passed"}
 
 
+def test_a_fake_kept_by_a_module_scoped_fixture_answers_for_the_test_being_run(ml_tree, tree):
+    ml_tree.write(
+        "unit/test_module_scoped.py",
+        f"""
+        import pytest
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import Session
+        from app.services.sparse_embedding_service import SparseEmbeddingService
+
+        @pytest.fixture(scope="module")
+        def service():
+            return SparseEmbeddingService(Session(create_engine("sqlite://")))
+
+        def test_first(service):
+            assert service.generate_embedding({TEXTS[0]!r})
+
+        def test_second(service):
+            assert service.generate_embedding({TEXTS[1]!r})
+        """,
+    )
+    path = ml_tree.root / "usage.json"
+    run(ml_tree, tree, "unit/test_module_scoped.py", f"--ml-cassette-usage={path}").assert_outcomes(passed=2)
+    tests = json.loads(path.read_text())["tests"]
+    for name, text in (("test_first", TEXTS[0]), ("test_second", TEXTS[1])):
+        assert tests[f"unit/test_module_scoped.py::{name}"] == {"replayed": [[MODELS, SPARSE, text]]}
+
+
 def test_a_run_of_every_test_lists_the_entries_no_test_used(ml_tree, tree):
     result = run(ml_tree, tree)
     result.stdout.fnmatch_lines(["*ML cassettes*", "1 cassette entries no test used:", f"  {MODELS} ({SPARSE}): '{LEFTOVER}'"])
