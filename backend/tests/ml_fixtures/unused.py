@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.prune:
         return 0
     if not selection.complete:
-        print(prune_refusal(reasons), file=sys.stderr)
+        print(prune_refusal(reasons, "--prune"), file=sys.stderr)
         return 1
     cassettes.prune(unused)
     for path in cassettes.save():

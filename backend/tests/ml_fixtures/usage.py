@@ -191,9 +191,9 @@ PRUNE_NEEDS = (
 )
 
 
-def prune_refusal(reasons: list[str]) -> str:
-    """Why prune removes nothing, and what it needs."""
-    return "--ml-record=prune removes nothing: " + "; ".join(reasons) + ".\n" + PRUNE_NEEDS
+def prune_refusal(reasons: list[str], what: str = "--ml-record=prune") -> str:
+    """Why prune (``what``) removes nothing, and what it needs."""
+    return f"{what} removes nothing: " + "; ".join(reasons) + ".\n" + PRUNE_NEEDS
 
 
 def prune_refusal_at_start(config: pytest.Config) -> str | None:
