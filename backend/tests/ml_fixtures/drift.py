@@ -142,8 +142,9 @@ class SparseWeights(Comparison):
     measured by the Jaccard index of the two sets. Defaults:
 
     - ``atol=1e-3``: the largest weight change that is noise, about 0.5 % of a content word's weight
-      (0.05-0.5 here). An unchanged model's fp32 noise (batching, threads, another CPU) is about 5e-6
-      here, at the cassettes' rounding; fp16 moves weights by about 1e-3, int8 by up to 0.07.
+      (0.05-0.5 here). An unchanged model recomputed in other batches moves them by 1e-5 here (the
+      cassettes' rounding); int8 moved the fp32 recordings by up to 0.2; fp16, with about three
+      significant digits, is expected near 1e-3 (not measured here).
     - ``margin=0.01``: a term lighter than that adds less than 0.01 x 0.5 to a lexical match score.
       Kept above ``atol``, a term can only drop out by a change beyond tolerance.
     - ``min_jaccard=1.0``: any lost or gained term is a decision; lower it to allow a few.
@@ -188,8 +189,8 @@ class Logits(Comparison):
 
     Defaults:
 
-    - ``atol=1e-3``: the largest probability change that is noise. An unchanged model's fp32 noise
-      is about 3e-6 here; fp16 moves probabilities by about 1e-3.
+    - ``atol=1e-3``: the largest probability change that is noise. An unchanged model recomputed in
+      other batches moves them by 4e-6 here; int8 moved the fp32 recordings by up to 0.03.
     - ``tie=None``: twice ``atol``. A flipped top label is a decision when the recording preferred
       its label by at least ``tie`` in probability; a flip between labels closer than that is a near
       tie (reported, numeric at most), since changes within tolerance could make it.
@@ -234,8 +235,8 @@ class Scores(Comparison):
     recording ordered clearly (scores at least ``tie`` apart), and each score's change. Defaults:
 
     - ``atol=1e-2``: the largest score change that is noise, on logits spread over about -6..6 here.
-      An unchanged model's fp32 noise is about 2e-4 here (padding moves with the batch); fp16 moves
-      scores by about 1e-2, int8 by up to 0.2.
+      An unchanged model recomputed in other batches moves them by 2e-4 here (padding moves with the
+      batch); int8 moved the fp32 recordings by up to 3.5, and swapped texts.
     - ``tie=None``: twice ``atol``: two texts scored closer than that have no recorded order.
     - ``min_tau=1.0``: a decision when a clearly ordered pair swapped (tau below 1) or the clear best
       text lost its place; lower it to allow swaps further down while the top-1 stays a decision.

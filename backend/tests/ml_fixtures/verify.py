@@ -338,8 +338,10 @@ def markdown(report: DriftReport, limit: int = 20) -> str:
 def write(report: DriftReport, paths: Iterable, step_summary: str | None) -> None:
     """Each path as Markdown (``.md``) or JSON; the Markdown appended to a CI job summary if one is given."""
     for path in map(Path, paths):
-        text = markdown(report) if path.suffix == ".md" else json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n"
-        path.write_text(text, encoding="utf-8")
+        if path.suffix == ".md":
+            path.write_text(markdown(report), encoding="utf-8")
+        else:
+            path.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
     if step_summary:
         with open(step_summary, "a", encoding="utf-8") as summary:
             summary.write(markdown(report))
