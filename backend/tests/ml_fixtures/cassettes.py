@@ -250,8 +250,8 @@ class Cassettes:
 
     def recording(
         self, cassette_path: Path, spec: ModelSpec, environment: Callable[[], dict[str, str]]
-    ) -> Callable[[str, object], None] | None:
-        """A ``record(key, output)`` for one model in one cassette, or None if nothing is to be recorded.
+    ) -> Callable[[str, object], bool] | None:
+        """A ``record(key, output) -> recorded?`` for one model in one cassette, or None if nothing is to be recorded.
 
         ``once`` records a model's calls where its cassette lacks them or is stale; ``rewrite`` always.
         The decision is taken once per run, so a module's calls all land in one fresh entry, with
@@ -274,10 +274,12 @@ class Cassettes:
         if entry is None:
             return None
 
-        def record(text: str, output: object) -> None:
-            if len(text) <= MAX_TEXT:
-                entry.setdefault("recorded_with", environment())
-                entry["calls"].setdefault(text, rounded(output))
+        def record(text: str, output: object) -> bool:
+            if len(text) > MAX_TEXT:
+                return False
+            entry.setdefault("recorded_with", environment())
+            entry["calls"].setdefault(text, rounded(output))
+            return True
 
         return record
 

@@ -56,6 +56,16 @@ def test_each_test_notes_the_entries_it_replayed_or_recorded(ml_tree, tree):
     assert set(data["selection"]["outcomes"]) == set(tests) and set(data["selection"]["outcomes"].values()) == {"passed"}
 
 
+def test_a_recording_run_notes_what_each_test_records(ml_tree):
+    directory, path = ml_tree.root / "cassettes", ml_tree.root / "usage.json"
+    ml_tree.write("integration/test_models.py", RECORDING)
+    ml_tree.run("--ml-record=once", f"--ml-cassette-dir={directory}", f"--ml-cassette-usage={path}").assert_outcomes(passed=1)
+    recorded = json.loads((directory / MODELS).read_text())["models"]
+    assert json.loads(path.read_text())["tests"]["integration/test_models.py::test_models"] == {
+        "recorded": sorted([MODELS, model, key] for model, entry in recorded.items() for key in entry["calls"])
+    }
+
+
 def test_a_fake_kept_by_a_module_scoped_fixture_answers_for_the_test_being_run(ml_tree, tree):
     ml_tree.write(
         "unit/test_module_scoped.py",
