@@ -227,8 +227,11 @@ class Cassettes:
         """Cassettes recorded from another version of a model than the one in use (re-recorded ones excepted).
 
         Only the models this run replayed or recorded count: looking up another's fingerprint (the
-        Hugging Face cache included) would cost a run that used none of them its time.
+        Hugging Face cache included) would cost a run that used none of them its time. None under the
+        maintenance modes: they replay every cassette, and the drift report shows both fingerprints.
         """
+        if self.mode.maintains:
+            return []
         specs = tuple(spec for spec in specs if spec.model_name in self._fingerprints)
         return [
             f"{path.relative_to(self.directory)} ({spec.model_name})"

@@ -257,7 +257,7 @@ def test_a_stale_cassette_is_verified_and_accept_makes_it_current(ml_tree, recor
     assert ml_tree.loads()["stale_cassettes"] == [f"{MODELS} ({CLASSIFIER})"], "not replayed"
 
     result, report = verify(ml_tree, recorded, "unit", **stale)
-    assert result.ret == 1
+    assert result.ret == 1 and ml_tree.loads()["stale_cassettes"] == [], "replayed as recorded under verify"
     fingerprint = report["models"][CLASSIFIER]["fingerprint"]
     assert fingerprint["recorded"][MODELS].startswith("recipe:") and fingerprint["now"].startswith("sha256:")
     result.stdout.fnmatch_lines([f"*{CLASSIFIER}: fingerprint recorded recipe:*; now sha256:*"])
