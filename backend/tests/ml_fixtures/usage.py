@@ -128,9 +128,7 @@ class Selection:
         return cls(narrowed=narrowing(config), groups=[(group, splits)] if splits and group else [])
 
     def note_report(self, report: pytest.TestReport) -> None:
-        outcome = "skipped" if report.outcome == "skipped" else report.outcome
-        if report.when == "call" and hasattr(report, "wasxfail"):
-            outcome = "skipped"
+        outcome = "skipped" if hasattr(report, "wasxfail") else report.outcome  # an xfail, or an xpass, did not pass as such
         previous = self.outcomes.get(report.nodeid, "passed")
         self.outcomes[report.nodeid] = max(previous, outcome, key=_WORST.__getitem__)
 
