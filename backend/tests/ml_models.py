@@ -20,6 +20,8 @@ from app.services.rerank_service import RerankService
 from app.services.sparse_embedding_service import SparseEmbeddingService
 from fake_models import fake_classification_model, fake_rerank_model, fake_sparse_embedding_model
 from ml_fixtures.declaration import ModelCall, ModelSpec, Project
+from ml_fixtures.drift import Logits, Scores, SparseWeights
+from ml_fixtures.keys import input_of_key
 
 TESTS = Path(__file__).resolve().parent
 
@@ -34,6 +36,14 @@ def on_disk(source: ModelSource):
             return None
 
     return locate
+
+
+def _rerank_calls(keys: list[str]) -> list[tuple[str, list[str]]]:
+    """The inverse of the reranker's ``inputs``: its ``(query, text)`` keys as one call per query."""
+    texts: dict[str, list[str]] = {}
+    for query, text in map(input_of_key, keys):
+        texts.setdefault(query, []).append(text)
+    return list(texts.items())
 
 
 def _mock_sparse(service) -> None:
@@ -67,6 +77,7 @@ SPARSE = ModelSpec(
     load=loading.load_sparse_embedding_model,
     fake=fake_sparse_embedding_model,
     call=ModelCall("_lexical_weights"),  # texts in, token -> weight out
+    compare=SparseWeights(),
     locate=on_disk(resolver.SPARSE_EMBEDDING),
     mock=_mock_sparse,
     preload=("FlagEmbedding", "transformers.models.bert.modeling_bert", "transformers.models.xlm_roberta.modeling_xlm_roberta"),
@@ -79,6 +90,7 @@ CLASSIFIER = ModelSpec(
     fake=fake_classification_model,
     # texts in, a row of logits out: recorded as label -> logit
     call=ModelCall("_logits", outputs=lambda service, rows: [dict(zip(service.labels, row)) for row in rows]),
+    compare=Logits(),
     locate=on_disk(resolver.CLASSIFICATION),
     mock=_mock_classifier,
     preload=("transformers.models.bert.modeling_bert",),
@@ -90,7 +102,8 @@ RERANK = ModelSpec(
     load=loading.load_rerank_model,
     fake=fake_rerank_model,
     # one query and many texts in, a logit per text out: recorded per (query, text) pair
-    call=ModelCall("_scores", inputs=lambda query, texts: [(query, text) for text in texts]),
+    call=ModelCall("_scores", inputs=lambda query, texts: [(query, text) for text in texts], calls_for=_rerank_calls),
+    compare=Scores(),
     locate=on_disk(resolver.RERANK),
     mock=_mock_reranker,
     preload=("FlagEmbedding", "transformers.models.xlm_roberta.modeling_xlm_roberta"),
@@ -110,4 +123,5 @@ PROJECT = Project(
     database_metadata=Base.metadata,
     trees=("unit", "services", "integration"),
     python_path=(TESTS.parent, TESTS),
+    environment_packages=("torch", "transformers", "FlagEmbedding"),
 )

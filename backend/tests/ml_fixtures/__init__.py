@@ -11,7 +11,10 @@ conftest, which assigns each model's fixtures (``fixtures.py``). One concern a m
   changed, per model), ``pages`` (which weight pages were written), ``tokenizer_backend`` and
   ``tokenizer_calls`` (a fast tokenizer's backend, and the state its calls leave);
 - fakes and recordings: ``fakes`` (a fake tokenizer for the project's fake models), ``cassettes``
-  (recorded model responses);
+  (recorded model responses), ``keys`` (a call's input as a cassette key, and back);
+- trusting recordings: ``drift`` (how a model's outputs compare), ``verify`` (``--ml-record=verify``
+  and ``accept``, the drift report), ``usage`` (which entries each test used, what a run selected),
+  ``unused`` (the entries no test used, prune, the shards' merge);
 - processes: ``parallel`` (xdist workers' thread budget, a memory-aware ``-n auto``), ``warm``
   (``--ml-warm``: a package split by the process that runs each part);
 - ``database`` (``test_db``), ``scaffold`` (throwaway trees for self-tests and benchmarks).

@@ -9,22 +9,33 @@ that text, and fall back to their deterministic made-up output otherwise; under
 (:class:`CassetteMissError`, in the manner of VCR's "can't overwrite existing cassette").
 
 A cassette stores each model's fingerprint (a hash of its recipe for an embedded model, else
-of its directory: weights, configuration, tokenizer). When the model in use has another
-fingerprint, the cassette is stale: it is not replayed, the load report lists it, and
-``--ml-record=once`` records it again.
+of its directory: weights, configuration, tokenizer) and what it was recorded with (the versions
+of the project's ``environment_packages``, the device, the dtype). When the model in use has
+another fingerprint, the cassette is stale: it is not replayed, the load report lists it, and
+``--ml-record=once`` records it again. The maintenance modes (``verify``, ``accept``, ``prune``)
+replay every cassette as recorded, stale or not: the entries the tests use are then the same
+whichever model is in use, and verify measures how far that model's answers are from them.
+
+Every replayed or recorded entry is noted per test (``usage.py``).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
-from collections.abc import Callable
+import platform
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
-from ml_fixtures.declaration import ModelSpec, cassette_key
+from ml_fixtures.declaration import ModelSpec
+from ml_fixtures.keys import cassette_key
 from ml_fixtures.options import RecordMode, ReplayMode
+from ml_fixtures.usage import EntryRef
 
 VERSION = 1
 #: Rounding keeps a re-record of an unchanged model an empty diff (batching moves the 7th digit).
@@ -61,13 +72,35 @@ def fingerprint(spec: ModelSpec) -> str | None:
     return _directory_fingerprint(path, stamp)
 
 
-def _rounded(value):
+def environment(packages: Iterable[str], device: str | None, dtype: str | None) -> dict[str, str]:
+    """What outputs are recorded with: the packages' versions, the device (a GPU's name), the dtype."""
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    device = device or "cpu"
+    torch = sys.modules.get("torch")
+    if device.startswith("cuda") and torch is not None and torch.cuda.is_available():
+        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    else:
+        device = f"{device} ({platform.machine()})"
+    return {**versions, "device": device, "dtype": dtype or "default"}
+
+
+def dump(cassette: dict) -> str:
+    """A cassette's text: sorted keys, two-space indents, one file per test module (what is read back byte for byte)."""
+    return json.dumps(cassette, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def rounded(value):
     if isinstance(value, float):
         return round(value, DIGITS)
     if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
+        return {k: rounded(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_rounded(v) for v in value]
+        return [rounded(v) for v in value]
     return value
 
 
@@ -87,6 +120,8 @@ class Replay:
     cassette: Path | None = None
     #: ``on_lookup(key, answer)``: each question a fake asked, with its answer (None: none recorded).
     on_lookup: Callable[[str, object], None] | None = None
+    #: ``on_replay(key)`` after each recorded output handed out (the usage of the test).
+    on_replay: Callable[[str], None] | None = None
 
     def get(self, call_input: str | tuple[str, ...] | None) -> object | None:
         """The recorded output for an input of the model call (a text, or a pair as a tuple), or None."""
@@ -96,6 +131,8 @@ class Replay:
         if self.on_lookup is not None and key is not None:
             self.on_lookup(key, self.calls.get(key))
         if key in self.calls:
+            if self.on_replay is not None:
+                self.on_replay(key)
             return self.calls[key]
         if self.mode is ReplayMode.STRICT:
             raise CassetteMissError(self._miss_message(key))
@@ -114,7 +151,7 @@ class Replay:
 
 
 class Cassettes:
-    """Every cassette under one directory: the replay index, the recording, the stale list."""
+    """Every cassette under one directory: the replay index, the recording, the stale list, the edits of accept and prune."""
 
     def __init__(
         self,
@@ -129,6 +166,8 @@ class Cassettes:
         self._recording: dict[Path, dict] = {}
         self._entries: dict[tuple[Path, str], dict | None] = {}
         self._indexes: dict[str, dict[str, object]] = {}
+        #: Model -> key -> the cassette (relative) whose output the index holds.
+        self._sources: dict[str, dict[str, str]] = {}
 
     def current_fingerprint(self, spec: ModelSpec) -> str | None:
         if spec.model_name not in self._fingerprints:
@@ -142,30 +181,61 @@ class Cassettes:
             }
         return self._loaded
 
+    def relative(self, path: Path) -> str:
+        """A cassette's name in an :class:`EntryRef`: its path under the directory, with ``/``."""
+        return path.relative_to(self.directory).as_posix()
+
     def is_stale(self, entry: dict, spec: ModelSpec) -> bool:
         current = self.current_fingerprint(spec)
         return current is not None and entry.get("fingerprint") != current
 
     def replay_index(self, spec: ModelSpec) -> dict[str, object]:
-        """Input -> recorded output of ``spec``'s model, from every cassette that is not stale."""
+        """Input -> recorded output of ``spec``'s model, from every cassette that is not stale (every one under
+        the maintenance modes); where several hold an input, the last by path."""
         if spec.model_name not in self._indexes:
-            self._indexes[spec.model_name] = self._index(spec)
+            index, sources = {}, {}
+            for path, cassette in self._all().items():
+                entry = cassette.get("models", {}).get(spec.model_name)
+                if entry and (self.mode.maintains or not self.is_stale(entry, spec)):
+                    index.update(entry["calls"])
+                    sources.update(dict.fromkeys(entry["calls"], self.relative(path)))
+            self._indexes[spec.model_name], self._sources[spec.model_name] = index, sources
         return self._indexes[spec.model_name]
 
-    def _index(self, spec: ModelSpec) -> dict[str, object]:
-        index: dict[str, object] = {}
-        for cassette in self._all().values():
-            entry = cassette.get("models", {}).get(spec.model_name)
-            if entry and not self.is_stale(entry, spec):
-                index.update(entry["calls"])
-        return index
+    def replayed(self, spec: ModelSpec, key: str) -> EntryRef:
+        """The entry whose output the replay index holds for ``key``."""
+        return EntryRef(self._sources[spec.model_name][key], spec.model_name, key)
+
+    def held(self, cassette_path: Path, spec: ModelSpec) -> dict[str, object]:
+        """The calls of ``spec``'s model that the cassette held when the run began."""
+        return self._all().get(cassette_path, {}).get("models", {}).get(spec.model_name, {}).get("calls", {})
+
+    def entries(self) -> set[EntryRef]:
+        """Every entry of every cassette, as the run began."""
+        return {
+            EntryRef(self.relative(path), model, key)
+            for path, cassette in self._all().items()
+            for model, entry in cassette.get("models", {}).items()
+            for key in entry.get("calls", {})
+        }
+
+    def unused(self, used: set[EntryRef]) -> list[EntryRef]:
+        """The entries no test used, sorted."""
+        return sorted(self.entries() - used)
+
+    def models_in(self, cassette: str) -> dict[str, dict]:
+        """A cassette's model entries (``fingerprint``, ``calls``, ``recorded_with``) as the run began, by model name."""
+        return self._all().get(self.directory / cassette, {}).get("models", {})
 
     def stale(self, specs: tuple[ModelSpec, ...]) -> list[str]:
         """Cassettes recorded from another version of a model than the one in use (re-recorded ones excepted).
 
         Only the models this run replayed or recorded count: looking up another's fingerprint (the
-        Hugging Face cache included) would cost a run that used none of them its time.
+        Hugging Face cache included) would cost a run that used none of them its time. None under the
+        maintenance modes: they replay every cassette, and the drift report shows both fingerprints.
         """
+        if self.mode.maintains:
+            return []
         specs = tuple(spec for spec in specs if spec.model_name in self._fingerprints)
         return [
             f"{path.relative_to(self.directory)} ({spec.model_name})"
@@ -185,13 +255,16 @@ class Cassettes:
             relative = module_path.relative_to(rootpath)
         return self.directory / relative.with_suffix(".json")
 
-    def recording(self, cassette_path: Path, spec: ModelSpec) -> Callable[[object, object], None] | None:
-        """A ``record(input, output)`` for one model in one cassette, or None if nothing is to be recorded.
+    def recording(
+        self, cassette_path: Path, spec: ModelSpec, environment: Callable[[], dict[str, str]]
+    ) -> Callable[[str, object], bool] | None:
+        """A ``record(key, output) -> recorded?`` for one model in one cassette, or None if nothing is to be recorded.
 
         ``once`` records a model's calls where its cassette lacks them or is stale; ``rewrite`` always.
-        The decision is taken once per run, so a module's calls all land in one fresh entry.
+        The decision is taken once per run, so a module's calls all land in one fresh entry, with
+        ``environment()`` as what it was recorded with.
         """
-        if self.mode is RecordMode.NONE:
+        if not self.mode.records:
             return None
         key = (cassette_path, spec.model_name)
         if key not in self._entries:
@@ -199,7 +272,7 @@ class Cassettes:
             existing = self._all().get(cassette_path, {"version": VERSION, "models": {}})
             entry = existing["models"].get(spec.model_name)
             if self.mode is RecordMode.REWRITE or entry is None or entry.get("fingerprint") != current:
-                cassette = self._recording.setdefault(cassette_path, json.loads(json.dumps(existing)))
+                cassette = self._recording.setdefault(cassette_path, copy.deepcopy(existing))
                 cassette["models"][spec.model_name] = {"fingerprint": current, "calls": {}}
                 self._entries[key] = cassette["models"][spec.model_name]
             else:
@@ -208,20 +281,39 @@ class Cassettes:
         if entry is None:
             return None
 
-        def record(call_input: object, output: object) -> None:
-            text = cassette_key(call_input)
-            if len(text) <= MAX_TEXT:
-                entry["calls"].setdefault(text, _rounded(output))
+        def record(text: str, output: object) -> bool:
+            if len(text) > MAX_TEXT:
+                return False
+            entry.setdefault("recorded_with", environment())
+            entry["calls"].setdefault(text, rounded(output))
+            return True
 
         return record
 
+    def edit(self, cassette: str) -> dict:
+        """A cassette's content to change in place (accept, prune); :meth:`save` writes it."""
+        path = self.directory / cassette
+        if path not in self._recording:
+            self._recording[path] = copy.deepcopy(self._all()[path])
+        return self._recording[path]
+
+    def prune(self, unused: Iterable[EntryRef]) -> None:
+        """Remove these entries; :meth:`save` drops a model left without one, and a cassette left empty."""
+        for ref in unused:
+            del self.edit(ref.cassette)["models"][ref.model]["calls"][ref.key]
+
     def save(self) -> list[Path]:
-        """Write what was recorded: sorted keys, rounded floats, one file per test module; returns the changed files."""
+        """Write what was recorded or edited (every other byte as it was read); returns the changed files."""
         written = []
         for path, cassette in self._recording.items():
             cassette["models"] = {name: entry for name, entry in cassette["models"].items() if entry["calls"]}
-            text = json.dumps(cassette, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-            if not cassette["models"] or (path.exists() and path.read_text(encoding="utf-8") == text):
+            if not cassette["models"]:
+                if path.exists():  # emptied by prune
+                    path.unlink()
+                    written.append(path)
+                continue
+            text = dump(cassette)
+            if path.exists() and path.read_text(encoding="utf-8") == text:
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")

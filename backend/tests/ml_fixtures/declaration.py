@@ -9,12 +9,14 @@ nothing in ``ml_fixtures`` imports the application.
 
 from __future__ import annotations
 
-import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from ml_fixtures.drift import Comparison, Numeric
+from ml_fixtures.keys import cassette_key
 
 
 class LoadedModel(NamedTuple):
@@ -37,6 +39,10 @@ def _as_returned(service: object, output: Sequence) -> Sequence:
     return output
 
 
+def _one_call(keys: list[str]) -> list[tuple]:
+    return [(list(keys),)]
+
+
 @dataclass(frozen=True)
 class ModelCall:
     """The service method that calls the model, and how each call lands in a cassette.
@@ -44,17 +50,16 @@ class ModelCall:
     The method may have any signature: ``inputs`` takes its arguments (as the method does, without
     ``self``) and returns the call's inputs, one cassette key each — a text, or a tuple of texts
     such as a ``(query, passage)`` pair; ``outputs(service, result)`` returns the model's raw
-    output for each input, in the same order. The defaults fit ``method(self, texts) -> rows``.
+    output for each input, in the same order. ``calls_for(keys)`` is the inverse of ``inputs``, for
+    ``--ml-record=verify``: cassette keys in (``keys.input_of_key`` reads a tuple's back), the
+    argument tuples of calls that together ask for exactly those inputs out. The defaults fit
+    ``method(self, texts) -> rows``.
     """
 
     method: str
     inputs: Callable[..., Sequence] = _texts
     outputs: Callable[[Any, Any], Sequence] = _as_returned
-
-
-def cassette_key(call_input: str | Sequence[str]) -> str:
-    """How an input is written in a cassette: a text as it is, a pair or other tuple as a JSON list."""
-    return call_input if isinstance(call_input, str) else json.dumps(list(call_input), ensure_ascii=False)
+    calls_for: Callable[[list[str]], Iterable[tuple]] = _one_call
 
 
 def resolve(function: Callable) -> Callable:
@@ -112,6 +117,9 @@ class ModelSpec:
     path_attribute: str | None = "model_path"
     #: Modules the loader imports (e.g. "FlagEmbedding"): the ``--ml-warm`` server imports them ahead of runs.
     preload: tuple[str, ...] = ()
+    #: How ``--ml-record=verify`` compares the model's recorded outputs with its live ones (``drift.py``:
+    #: ``SparseWeights``, ``Logits``, ``Scores``, each with tolerances to override); by default every number within 1e-4.
+    compare: Comparison = Numeric()
 
     def __post_init__(self) -> None:
         where = f"ModelSpec {self.name!r}"
@@ -150,6 +158,29 @@ class ModelSpec:
 
     def make_fake(self, replay: Any) -> LoadedModel:
         return LoadedModel(*self.fake(replay))
+
+    def call_entries(self, service: object, args: tuple, kwargs: dict, result: object) -> list[tuple[str, object]]:
+        """``(cassette key, raw output)`` of each input of one model call, as ``ModelCall`` pairs them."""
+        inputs, outputs = list(self.call.inputs(*args, **kwargs)), list(self.call.outputs(service, result))
+        if len(inputs) != len(outputs):
+            raise DeclarationError(
+                f"ModelSpec {self.name!r}: for one call of {self.service.__name__}.{self.call.method}, "
+                f"ModelCall.inputs gave {len(inputs)} inputs and ModelCall.outputs {len(outputs)} outputs; "
+                "they must pair up one to one"
+            )
+        return [(cassette_key(call_input), output) for call_input, output in zip(inputs, outputs)]
+
+    def bare_service(self, loaded: LoadedModel) -> object:
+        """A service made without ``__init__`` whose seam returns ``loaded``, for calling its model call directly.
+
+        ``--ml-record=verify`` calls the model-call method on it: the method may use the loaded model
+        and the class's settings (batch size, maximum length), not what ``__init__`` sets.
+        """
+        service = object.__new__(self.service)
+        setattr(service, self.seam, lambda: loaded)
+        if self.path_attribute is not None:
+            setattr(service, self.path_attribute, None)
+        return service
 
     def path_of(self, service: object) -> Path | None:
         """The explicit model location a service instance asks for, if any."""
@@ -197,6 +228,8 @@ class Project:
     cassette_dir: Path | None = None
     #: The file that declares the project (found at construction): every test depends on it.
     declared_in: str | None = field(default=None, compare=False)
+    #: Packages whose versions a cassette records beside the device (the drift report shows both sides).
+    environment_packages: tuple[str, ...] = ()
     _by_name: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

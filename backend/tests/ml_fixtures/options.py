@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ml_fixtures.usage import prune_refusal_at_start
+
 _UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
 
 
@@ -43,6 +45,25 @@ class RecordMode(Choice):
     NONE = "none"
     ONCE = "once"
     REWRITE = "rewrite"
+    #: Recompute the entries of the cassettes the tests use on the real models and report the drift; writes nothing.
+    VERIFY = "verify"
+    #: Verify, then rewrite the entries that drifted beyond tolerance.
+    ACCEPT = "accept"
+    #: Remove the entries no test used, when the run selected every test and all passed.
+    PRUNE = "prune"
+
+    @property
+    def records(self) -> bool:
+        return self in (RecordMode.ONCE, RecordMode.REWRITE)
+
+    @property
+    def verifies(self) -> bool:
+        return self in (RecordMode.VERIFY, RecordMode.ACCEPT)
+
+    @property
+    def maintains(self) -> bool:
+        """Verify, accept and prune replay every cassette as recorded, stale or not (cassettes.py)."""
+        return self in (RecordMode.VERIFY, RecordMode.ACCEPT, RecordMode.PRUNE)
 
 
 class ReplayMode(Choice):
@@ -126,7 +147,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=RecordMode.NONE.value,
         metavar=_values(RecordMode),
         help="record the real models' calls into cassettes, one per test module: once (where missing or "
-        "stale), rewrite (all); the fake models replay them in every run (default: none)",
+        "stale), rewrite (all); the fake models replay them in every run (default: none). Maintenance: verify "
+        "(recompute the entries of the cassettes the selected tests use on the real models, report the drift, write "
+        "nothing; drift fails the run), accept (verify, then rewrite only the entries that drifted), prune (remove "
+        "the entries no test used; only in a run of every test that all pass)",
+    )
+    group.addoption(
+        "--ml-drift-report",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="with --ml-record=verify|accept: write the drift report to PATH, as Markdown if PATH ends in .md, "
+        "else as JSON (may be given twice); the Markdown is also appended to $GITHUB_STEP_SUMMARY when that is set",
+    )
+    group.addoption(
+        "--ml-cassette-usage",
+        default=None,
+        metavar="PATH",
+        help="write which cassette entries each test used, and what the run selected, as JSON to PATH: "
+        "the shards of a split run each write one, and `python -m ml_fixtures.unused` merges them",
     )
     group.addoption(
         "--ml-replay",
@@ -222,6 +261,9 @@ class Settings:
     cassette_dir: Path
     #: ``--ml-affected``: None, "last" (since the last run) or a git revision.
     affected: str | None = None
+    #: ``--ml-drift-report`` paths: Markdown where the name ends in ``.md``, else JSON.
+    drift_reports: tuple[Path, ...] = ()
+    usage_path: Path | None = None
 
     def fingerprint(self, config: pytest.Config) -> str:
         """The settings that change what a test sees (the dependency record's context)."""
@@ -231,6 +273,15 @@ class Settings:
     @classmethod
     def from_config(cls, config: pytest.Config, default_cassette_dir: Path) -> Settings:
         device, max_memory = config.getoption("ml_device"), config.getoption("ml_max_memory")
+        record = RecordMode.parse(config.getoption("ml_record"), "--ml-record")
+        drift_reports = config.getoption("ml_drift_report")
+        if drift_reports and not record.verifies:
+            raise pytest.UsageError(f"--ml-drift-report needs --ml-record=verify or accept (got --ml-record={record.value})")
+        if record is RecordMode.PRUNE:
+            refusal = prune_refusal_at_start(config)
+            if refusal:
+                raise pytest.UsageError(refusal)
+        usage = config.getoption("ml_cassette_usage")
         return cls(
             scope=ModelScope.parse(config.getoption("ml_model_scope"), "--ml-model-scope"),
             memory_budget=parse_size(config.getoption("ml_model_memory_budget")),
@@ -238,8 +289,10 @@ class Settings:
             report_path=config.getoption("ml_model_report"),
             device=None if device == "auto" else device,
             dtype=None if config.getoption("ml_quantize") == "none" else config.getoption("ml_quantize"),
-            record=RecordMode.parse(config.getoption("ml_record"), "--ml-record"),
+            record=record,
             replay=ReplayMode.parse(config.getoption("ml_replay"), "--ml-replay"),
             cassette_dir=Path(config.getoption("ml_cassette_dir") or default_cassette_dir),
             affected=config.getoption("ml_affected") or ("last" if config.getoption("ml_watch") else None),
+            drift_reports=tuple(Path(path) for path in drift_reports),
+            usage_path=None if usage is None else Path(usage),
         )

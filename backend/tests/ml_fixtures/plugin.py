@@ -3,8 +3,9 @@
 The module-level hooks add the options and the ``pytest_ml_project`` hook, hand ``--ml-warm`` runs
 to the warm server, and register one :class:`MLModels` object per run (in the manner of
 pytest-xdist's ``DSession``): the run's state — settings, pool, load report, modification check,
-cassettes, the guard's blocker, the test being run — and the hooks that act on it. The fixtures
-(``fixtures.py``) reach it through :func:`ml_models`.
+cassettes and which entries each test used, what the run selected, the guard's blocker, the test
+being run — and the hooks that act on it. The fixtures (``fixtures.py``) reach it through
+:func:`ml_models`.
 """
 
 from __future__ import annotations
@@ -19,19 +20,21 @@ from pathlib import Path
 import pytest
 
 from _ml_fixtures_warm_core.identity import EnvironmentDefaults
-from ml_fixtures import hookspecs
+from ml_fixtures import hookspecs, verify
 from ml_fixtures.affected.plugin import AffectedRun, answer_digest
-from ml_fixtures.cassettes import Cassettes, Replay
-from ml_fixtures.declaration import DeclarationError, LoadedModel, ModelSpec, Project
+from ml_fixtures.cassettes import Cassettes, Replay, environment
+from ml_fixtures.declaration import LoadedModel, ModelSpec, Project
 from ml_fixtures.guard import MARKER, BlockedTest, ModelBlocker, loaders_of
 from ml_fixtures.hookspecs import project_of
 from ml_fixtures.load_report import LoadReport
 from ml_fixtures.modification import ModificationCheck
-from ml_fixtures.options import Policy, Settings, take_back_a_path
+from ml_fixtures.options import Policy, RecordMode, Settings, take_back_a_path
 from ml_fixtures.options import pytest_addoption as pytest_addoption  # noqa: F401 (a hook)
 from ml_fixtures.parallel import THREADS_INPUT, ParallelRuns, worker_id
 from ml_fixtures.parallel import pytest_xdist_auto_num_workers as pytest_xdist_auto_num_workers  # noqa: F401 (a hook)
 from ml_fixtures.pool import ModelKey, ModelPool
+from ml_fixtures.unused import unused_lines
+from ml_fixtures.usage import CassetteUsage, EntryRef, Selection, Use, prune_refusal, write_usage
 from ml_fixtures.warm import client as warm
 from ml_fixtures.warm.threads import SharedThreads
 
@@ -134,12 +137,24 @@ class MLModels:
         #: In a warm child: its share of the CPUs, taken between tests (None in a cold run).
         ceiling = getattr(config, "workerinput", {}).get(THREADS_INPUT)
         self.threads = SharedThreads(self.uses_real_models, ceiling) if SharedThreads.applies() else None
+        #: Per test, the cassette entries it replayed or recorded (merged from the xdist workers on the controller).
+        self.usage = CassetteUsage()
+        #: What the run selected and how its tests ended: whether it speaks for the whole suite.
+        self.selection = Selection.of_run(config)
+        self._deselected: set[str] = set()
+        #: The end of the run's cassette work: verify's report, the entries no test used, prune's outcome.
+        self.drift: verify.DriftReport | None = None
+        self.unused: list[EntryRef] | None = None
+        self.pruned: list[str] = []
+        self.prune_refused = ""
         self.blocker = ModelBlocker(loaders_of(project))
         self.by_cached_fixture = {spec.cached_fixture: spec for spec in project.models}
         #: The test being run: module-scoped fixtures are set up on behalf of whichever test comes first.
         self.item: pytest.Item | None = None
         #: Its directory's rule, once a fixture of the library has read it (the load report names it).
         self.policy: Policy | None = None
+        #: What loads real models after the last test (the load report names it), e.g. "--ml-record=verify".
+        self.end_of_run: str | None = None
         self._policies: dict[object, Policy] = {}
         self._pin_environment()
         self._show_builds()
@@ -170,7 +185,7 @@ class MLModels:
 
     @property
     def current_test(self) -> str | None:
-        return None if self.item is None else self.item.nodeid
+        return self.end_of_run if self.item is None else self.item.nodeid
 
     def _timed_load(self, key: ModelKey, load) -> LoadedModel:
         """Every real load, timed into the report under the test that caused it and its directory's rule."""
@@ -284,19 +299,51 @@ class MLModels:
         if item.get_closest_marker(MARKER) is not None or used:
             for spec in self.project.models:
                 monkeypatch.setattr(spec.service, spec.seam, lambda service, s=spec: self.pooled(s, s.path_of(service)))
-                record = self.cassettes.recording(cassette, spec)
-                if record is not None:
-                    _record_model_calls(monkeypatch, spec, record)
+                self._watch_model_calls(monkeypatch, item.nodeid, cassette, spec)
             return
         for spec in self.project.models:
             replay = Replay(
                 self.cassettes.replay_index(spec), self.settings.replay, spec.model_name, item.nodeid, cassette,
                 on_lookup=lambda key, answer, model=spec.model_name: self.affected.looked_up(model, key, answer),
+                on_replay=functools.partial(self._replayed, item.nodeid, spec),
             )  # fmt: skip
             monkeypatch.setattr(spec.service, spec.seam, lambda service, s=spec, r=replay: s.make_fake(r))
         if policy is Policy.UNIT:
             self.blocker.guard_test(request, monkeypatch, BlockedTest.of(item, policy))
             request.getfixturevalue("socket_disabled")
+
+    # ------------------------------------------------------------ cassettes: what each test uses
+
+    def environment(self, device: str | None) -> dict[str, str]:
+        """What the real models' outputs come from now: the project's packages, the device, the dtype."""
+        return environment(self.project.environment_packages, device, self.settings.dtype)
+
+    def _user(self, test: str) -> str:
+        """Whose use it is: the test being run (a fake cached by a module-scoped fixture answers for each), else ``test``."""
+        return test if self.item is None else self.item.nodeid
+
+    def _replayed(self, test: str, spec: ModelSpec, key: str) -> None:
+        self.usage.note(self._user(test), self.cassettes.replayed(spec, key), Use.REPLAYED)
+
+    def _watch_model_calls(self, monkeypatch: pytest.MonkeyPatch, test: str, cassette: Path, spec: ModelSpec) -> None:
+        """Wrap the service's model call, for a test on the real model: each call of the default model whose entry
+        the module's cassette holds, or gets now (``--ml-record=once|rewrite``), is noted as the test's."""
+        record = self.cassettes.recording(cassette, spec, lambda: self.environment(self.pooled(spec).device))
+        held = self.cassettes.held(cassette, spec)
+        if record is None and not held:
+            return
+        name, call = self.cassettes.relative(cassette), getattr(spec.service, spec.call.method)
+
+        @functools.wraps(call)
+        def watched(service, *args, **kwargs):
+            output = call(service, *args, **kwargs)
+            if spec.path_of(service) is None:  # only the default model has cassette entries
+                for key, value in spec.call_entries(service, args, kwargs, output):
+                    if (record is not None and record(key, value)) or key in held:
+                        self.usage.note(self._user(test), EntryRef(name, spec.model_name, key), Use.RECORDED)
+            return output
+
+        monkeypatch.setattr(spec.service, spec.call.method, watched)
 
     # ------------------------------------------------------------ collection
 
@@ -308,8 +355,12 @@ class MLModels:
                 if spec.cached_fixture in getattr(item, "fixturenames", ()) and not item.get_closest_marker("xdist_group"):
                     item.add_marker(pytest.mark.xdist_group(spec.name))
 
+    def pytest_deselected(self, items: list[pytest.Item]) -> None:
+        self._deselected.update(item.nodeid for item in items)
+
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         """Every declared model's fixtures exist: a missing one is named with the line that defines it."""
+        self.selection.collected = {item.nodeid for item in session.items} | self._deselected
         defined = session._fixturemanager._arg2fixturedefs
         factories = {"cached": "cached_model_fixture", "copy": "model_copy_fixture", "mock": "mock_service_fixture"}
         missing = [
@@ -362,10 +413,20 @@ class MLModels:
         finally:
             self.modification.after_teardown(self.pool, item, nextitem)
 
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.selection.note_report(report)
+
     # ------------------------------------------------------------ the end
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         report = self.report
+        if hasattr(self.config, "workeroutput"):
+            self.config.workeroutput["ml_cassette_usage"] = {
+                "tests": self.usage.to_dict(),
+                "collected": sorted(self.selection.collected),
+            }
+        elif session.exitstatus != pytest.ExitCode.INTERRUPTED:
+            self._finish_cassettes(session)
         self.pool.clear()
         report.cassettes_written = [str(p) for p in self.cassettes.save()]
         report.stale_cassettes = self.cassettes.stale(self.project.models)
@@ -376,36 +437,72 @@ class MLModels:
         elif self.settings.report_path:
             report.write_json(self.settings.report_path)
 
+    def _finish_cassettes(self, session: pytest.Session) -> None:
+        """On the controller (or the only process): verify or accept, list the unused entries, prune, write the usage."""
+        settings = self.settings
+        if settings.record.verifies:
+            # Real models on purpose, as in the integration tree: not a unit test's load for the report to flag.
+            self.end_of_run, self.policy = f"--ml-record={settings.record.value}", Policy.INTEGRATION
+            self.drift = verify.verify(
+                self.cassettes, self.usage.cassettes(), self.project, self.pooled, self.environment, settings.record.value
+            )
+            if settings.record is RecordMode.ACCEPT:
+                verify.accept(self.drift, self.cassettes)
+            verify.write(self.drift, settings.drift_reports, os.environ.get("GITHUB_STEP_SUMMARY"))
+            if self.drift.failed:
+                _fail(session)
+        if self.selection.selected_all:
+            self.unused = self.cassettes.unused(self.usage.used())
+        if settings.record is RecordMode.PRUNE:
+            if self.selection.complete:
+                self.cassettes.prune(self.unused)
+                self.pruned = [self.cassettes.relative(path) for path in self.cassettes.save()]
+            else:
+                self.prune_refused = prune_refusal(self.selection.reasons())
+                _fail(session)
+        if settings.usage_path:
+            cassette_dir = Path(os.path.relpath(settings.cassette_dir, self.config.rootpath)).as_posix()
+            write_usage(settings.usage_path, self.usage, self.selection, cassette_dir)
+
     def pytest_terminal_summary(self, terminalreporter) -> None:
         terminalreporter.section("ML model loads")
         for line in self.report.summary_lines():
             terminalreporter.write_line(line)
+        lines = self._cassette_lines(terminalreporter.config.option.verbose > 0)
+        if lines:
+            terminalreporter.section("ML cassettes")
+            for line in lines:
+                terminalreporter.write_line(line)
+
+    def _cassette_lines(self, verbose: bool) -> list[str]:
+        lines = verify.terminal_lines(self.drift) if self.drift else []
+        if self.unused:
+            lines += unused_lines(self.unused, None if verbose else 10)
+            if not self.selection.complete:
+                lines.append("  (" + "; ".join(self.selection.reasons()) + ": an entry only those tests use is listed too)")
+            elif self.settings.record is not RecordMode.PRUNE:
+                lines.append("  remove them with --ml-record=prune (a run of every test, as this one)")
+        lines += [f"pruned: {path}" for path in self.pruned]
+        if self.settings.record is RecordMode.PRUNE and self.selection.complete and not self.unused:
+            lines.append("pruned nothing: every cassette entry was used")
+        if self.prune_refused:
+            lines += self.prune_refused.splitlines()
+        return lines
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node, error) -> None:
-        """On the xdist controller: merge each worker's load report."""
-        data = getattr(node, "workeroutput", {}).get("ml_model_report")
-        if data:
-            self.report.merge(data)
+        """On the xdist controller: merge each worker's load report and cassette usage."""
+        output = getattr(node, "workeroutput", {})
+        if output.get("ml_model_report"):
+            self.report.merge(output["ml_model_report"])
+        usage = output.get("ml_cassette_usage")
+        if usage:
+            self.usage.merge(usage["tests"])
+            self.selection.collected.update(usage["collected"])
 
 
-def _record_model_calls(monkeypatch: pytest.MonkeyPatch, spec: ModelSpec, record) -> None:
-    """Wrap the service's model call so that each input and its raw output land in the cassette."""
-    call = getattr(spec.service, spec.call.method)
+def _fail(session: pytest.Session) -> None:
+    """A run whose cassette work failed (drift, a refused prune) exits 1 where its tests passed."""
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
-    @functools.wraps(call)
-    def recording(service, *args, **kwargs):
-        output = call(service, *args, **kwargs)
-        if spec.path_of(service) is None:  # only the default model has a cassette entry
-            inputs, outputs = list(spec.call.inputs(*args, **kwargs)), list(spec.call.outputs(service, output))
-            if len(inputs) != len(outputs):
-                raise DeclarationError(
-                    f"ModelSpec {spec.name!r}: for one call of {spec.service.__name__}.{spec.call.method}, "
-                    f"ModelCall.inputs gave {len(inputs)} inputs and ModelCall.outputs {len(outputs)} outputs; "
-                    "they must pair up one to one"
-                )
-            for call_input, call_output in zip(inputs, outputs):
-                record(call_input, call_output)
-        return output
-
-    monkeypatch.setattr(spec.service, spec.call.method, recording)

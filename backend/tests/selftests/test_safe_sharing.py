@@ -276,7 +276,7 @@ def test_strict_replay_fails_an_unrecorded_text_naming_the_cassette_and_the_comm
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--ml-record=sometimes"], "--ml-record must be one of none, once, rewrite; got 'sometimes'"),
+        (["--ml-record=sometimes"], "--ml-record must be one of none, once, rewrite, verify, accept, prune; got 'sometimes'"),
         (["--ml-replay=lenient"], "--ml-replay must be one of fallback, strict, none; got 'lenient'"),
         (["--ml-model-scope=class"], "--ml-model-scope must be one of session, module, function; got 'class'"),
     ],
