@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import ml_fixtures
+from ml_fixtures.affected.sources import parse
 
 PACKAGE = Path(ml_fixtures.__file__).parent
 CORE = PACKAGE / "warm" / "core"
@@ -36,7 +37,7 @@ def imports(path: Path, root: Path = PACKAGE) -> list[str]:
         name = module_name(path, root)
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

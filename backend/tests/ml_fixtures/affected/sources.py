@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import gc
 import hashlib
 import sys
 from dataclasses import dataclass
@@ -22,6 +23,19 @@ from pathlib import Path
 
 MODULE = "<module>"
 _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def parse(text: str, filename: str = "<unknown>") -> ast.Module:
+    """``ast.parse`` with the garbage collector held off: on CPython 3.11 a finalizer that parses too
+    (pytest formatting an exception a ``__del__`` raised) corrupts the AST builder's recursion count,
+    and the outer parse fails with "AST constructor recursion depth mismatch"."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(text, filename)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _digest(node: ast.AST) -> str:
@@ -90,7 +104,7 @@ class Source:
 
     @classmethod
     def parse(cls, text: str, package: str = "") -> Source:
-        tree = ast.parse(text)
+        tree = parse(text)
         functions = _top_functions(tree)
         spans = tuple((node.body[0].lineno, node.end_lineno, name) for name, node in functions)
         blocks = {}
