@@ -68,6 +68,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         f"{MARKER}: run this test on real models (opts out of the automatic fake models and the unit-tree guard)",
     )
+    config.addinivalue_line(
+        "markers", "fresh_db: test_db on a database of this test's own, where commits are real (see test_db)"
+    )
     plugin = MLModels(config, project_of(config))
     config.stash[ml_models_key] = plugin
     config.pluginmanager.register(plugin, "ml-models")
