@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +79,7 @@ class CassetteMissError(LookupError):
 class Replay:
     """What one fake model answers from the cassettes, for one test: ``get(text)`` -> recorded output or None."""
 
-    calls: dict[str, object]
+    calls: Mapping[str, object]
     mode: ReplayMode = ReplayMode.FALLBACK
     model: str = ""
     #: The test asking, and the cassette its module records into (named in a strict miss).
@@ -109,6 +109,36 @@ class Replay:
         )
 
 
+class _ReplayIndex(Mapping):
+    """:meth:`Cassettes.replay_index`, settling which cassettes are stale only once one of them holds
+    an input asked for: the model's fingerprint is a look-up on disk (the Hugging Face cache's
+    included, a third of a second), which a unit run whose inputs no cassette holds never needs."""
+
+    def __init__(self, cassettes: Cassettes, spec: ModelSpec):
+        self._cassettes, self._spec = cassettes, spec
+        self._recorded = [
+            entry["calls"] for cassette in cassettes._all().values() if (entry := cassette.get("models", {}).get(spec.model_name))
+        ]
+        self._current: dict[str, object] | None = None
+
+    def _index(self) -> dict[str, object]:
+        if self._current is None:
+            self._current = self._cassettes._index(self._spec)
+        return self._current
+
+    def __contains__(self, key: object) -> bool:
+        return any(key in calls for calls in self._recorded) and key in self._index()
+
+    def __getitem__(self, key: str) -> object:
+        return self._index()[key]
+
+    def __iter__(self):
+        return iter(self._index())
+
+    def __len__(self) -> int:
+        return len(self._index())
+
+
 class Cassettes:
     """Every cassette under one directory: the replay index, the recording, the stale list."""
 
@@ -124,7 +154,8 @@ class Cassettes:
         self._loaded: dict[Path, dict] | None = None
         self._recording: dict[Path, dict] = {}
         self._entries: dict[tuple[Path, str], dict | None] = {}
-        self._indexes: dict[str, dict[str, object]] = {}
+        self._indexes: dict[str, _ReplayIndex] = {}
+        self._paths: dict[Path, Path] = {}
 
     def current_fingerprint(self, spec: ModelSpec) -> str | None:
         if spec.model_name not in self._fingerprints:
@@ -142,10 +173,10 @@ class Cassettes:
         current = self.current_fingerprint(spec)
         return current is not None and entry.get("fingerprint") != current
 
-    def replay_index(self, spec: ModelSpec) -> dict[str, object]:
+    def replay_index(self, spec: ModelSpec) -> Mapping[str, object]:
         """Input -> recorded output of ``spec``'s model, from every cassette that is not stale."""
         if spec.model_name not in self._indexes:
-            self._indexes[spec.model_name] = self._index(spec)
+            self._indexes[spec.model_name] = _ReplayIndex(self, spec)
         return self._indexes[spec.model_name]
 
     def _index(self, spec: ModelSpec) -> dict[str, object]:
@@ -159,7 +190,7 @@ class Cassettes:
     def stale(self, specs: tuple[ModelSpec, ...]) -> list[str]:
         """Cassettes recorded from another version of a model than the one in use (re-recorded ones excepted).
 
-        Only the models this run replayed or recorded count: looking up another's fingerprint (the
+        Only the models this run replayed a cassette of or recorded count: looking up another's fingerprint (the
         Hugging Face cache included) would cost a run that used none of them its time.
         """
         specs = tuple(spec for spec in specs if spec.model_name in self._fingerprints)
@@ -174,12 +205,13 @@ class Cassettes:
 
     def path_for(self, module_path: Path, rootpath: Path) -> Path:
         """One cassette per test module, mirroring its path below the tests' root."""
-        base = self.directory.parent
-        try:
-            relative = module_path.relative_to(base)
-        except ValueError:
-            relative = module_path.relative_to(rootpath)
-        return self.directory / relative.with_suffix(".json")
+        if module_path not in self._paths:  # asked for each test: worked out once per module
+            try:
+                relative = module_path.relative_to(self.directory.parent)
+            except ValueError:
+                relative = module_path.relative_to(rootpath)
+            self._paths[module_path] = self.directory / relative.with_suffix(".json")
+        return self._paths[module_path]
 
     def recording(self, cassette_path: Path, spec: ModelSpec) -> Callable[[object, object], None] | None:
         """A ``record(input, output)`` for one model in one cassette, or None if nothing is to be recorded.
