@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from _pytest.runner import runtestprotocol  # the protocol's phases without logging, as pytest-rerunfailures uses it
+from pytest_socket import disable_socket, enable_socket
 
 from ml_fixtures import hookspecs, warm
 from ml_fixtures.cassettes import Cassettes, Replay
@@ -248,7 +249,9 @@ class MLModels:
             monkeypatch.setattr(spec.service, spec.seam, lambda service, s=spec, r=replay: s.make_fake(r))
         if policy is Policy.UNIT:
             self.blocker.guard_test(request, monkeypatch, BlockedTest.of(item, policy))
-            request.getfixturevalue("socket_disabled")
+            # What pytest-socket's socket_disabled fixture does, without a fixture's set-up per test.
+            disable_socket(allow_unix_socket=self.config.getoption("--allow-unix-socket"))
+            request.addfinalizer(enable_socket)
 
     # ------------------------------------------------------------ collection
 
