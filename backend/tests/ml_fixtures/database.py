@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 from pytest_socket import enable_socket
 from sqlalchemy import MetaData, create_engine, event
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
@@ -86,6 +86,7 @@ class RunDatabase:
         self._stack = contextlib.ExitStack()
         self._engine: Engine | None = None
         self._error: BaseException | None = None
+        self._connection: Connection | None = None
         config.add_cleanup(self._stack.close)
 
     @classmethod
@@ -105,7 +106,37 @@ class RunDatabase:
             except BaseException as exc:
                 self._error = exc
                 raise
+            self._stack.callback(self._release)  # before the engine is disposed
         return self._engine
+
+    def _release(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session inside a transaction rolled back afterwards; its own commits and rollbacks on a SAVEPOINT.
+
+        Every test's transaction runs on one connection, kept open between tests (checking one out
+        and in again cost a test as much as its transaction), and opened again if a test closed it.
+        """
+        if self._connection is None or self._connection.closed or self._connection.invalidated:
+            self._connection = self.engine.connect()
+        transaction = self._connection.begin()
+        session = Session(bind=self._connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+        try:
+            yield session
+        finally:
+            session.close()
+            transaction.rollback()
+
+    @contextlib.contextmanager
+    def fresh(self) -> Iterator[Engine]:
+        """An engine on a database of one test's own (:func:`fresh_engine`)."""
+        self._release()  # PostgreSQL copies a database only while nobody is connected to it
+        with fresh_engine(self.engine) as engine:
+            yield engine
 
 
 @contextlib.contextmanager
@@ -138,19 +169,6 @@ def engine_for_run(config: pytest.Config, metadata: MetaData | None) -> Iterator
         stack.callback(engine.dispose)
         (MetaData() if metadata is None else metadata).create_all(engine)
         yield engine
-
-
-@contextlib.contextmanager
-def session_in_transaction(engine: Engine) -> Iterator[Session]:
-    """A session inside a transaction rolled back afterwards; its own commits and rollbacks on a SAVEPOINT."""
-    with engine.connect() as connection:
-        transaction = connection.begin()
-        session = Session(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
-        try:
-            yield session
-        finally:
-            session.close()
-            transaction.rollback()
 
 
 @contextlib.contextmanager

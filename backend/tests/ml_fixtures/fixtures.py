@@ -88,7 +88,7 @@ def test_db_engine(request: pytest.FixtureRequest):
     ``fresh_db`` marker does). On SQLite the copy is a file in a temporary directory (sqlite3's
     backup API), on PostgreSQL a database made with ``CREATE DATABASE ... TEMPLATE``.
     """
-    with database.fresh_engine(_run_database(request.config).engine) as engine:
+    with _run_database(request.config).fresh() as engine:
         yield engine
 
 
@@ -105,5 +105,5 @@ def test_db(request: pytest.FixtureRequest):
         with Session(request.getfixturevalue("test_db_engine"), expire_on_commit=False) as session:
             yield session
         return
-    with database.session_in_transaction(_run_database(request.config).engine) as session:
+    with _run_database(request.config).session() as session:
         yield session

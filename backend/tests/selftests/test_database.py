@@ -1,8 +1,8 @@
 """test_db on in-memory SQLite (default) and on PostgreSQL: a throwaway server, or one given by URL.
 
 Each run goes through one tree whose tests change the database every way a test can (commit,
-rollback, DDL, a raise after a flush, a second session on a database of the test's own), each
-test first checking that nothing of the tests before it is left.
+rollback, DDL, a raise after a flush, a closed connection, a second session on a database of the
+test's own), each test first checking that nothing of the tests before it is left.
 """
 
 import psycopg
@@ -78,6 +78,12 @@ ISOLATION = """
         assert test_db.get(Resource, resource.id).title == "Python"
         assert test_db.get(Resource, resource.id).sparse_embedding.weights == before
 
+    def test_a_test_that_closes_the_connection(test_db):
+        assert_untouched(test_db)
+        test_db.add(Resource(title="flushed", content="python"))
+        test_db.flush()
+        test_db.connection().close()
+
     def test_by_default_each_test_is_a_transaction_on_the_runs_database(test_db):
         assert isinstance(test_db.get_bind(), Connection) and test_db.get_bind().in_transaction()
 
@@ -105,7 +111,7 @@ ISOLATION = """
         assert_untouched(test_db)
 """
 #: Every test of ISOLATION passes but the one that is meant to raise.
-OUTCOMES = {"passed": 12, "xfailed": 1}
+OUTCOMES = {"passed": 13, "xfailed": 1}
 
 
 @pytest.fixture
