@@ -62,7 +62,16 @@ def make_engine(url: str | URL, **kwargs) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _without_driver_transactions)
         event.listen(engine, "begin", _begin)
+    else:
+        event.listen(engine, "do_connect", _connect_over_the_network)
     return engine
+
+
+def _connect_over_the_network(dialect, connection_record, cargs, cparams):
+    # The unit trees keep test code off the network (pytest-socket), not off the test database: a
+    # connection opened in a test, to a server known by name, resolves it with Python's socket module.
+    with network_allowed():
+        return dialect.connect(*cargs, **cparams)
 
 
 def _without_driver_transactions(dbapi_connection, connection_record) -> None:
@@ -141,8 +150,8 @@ class RunDatabase:
 
 @contextlib.contextmanager
 def network_allowed() -> Iterator[None]:
-    """pytest-socket's block lifted meanwhile: a database is started on behalf of the run (or of a
-    test's ``fresh_db``), not by the test code that the unit trees' guard keeps off the network."""
+    """pytest-socket's block lifted meanwhile, for the test database alone (started, copied or connected
+    to on behalf of the run or of a test), which the unit trees' guard does not keep tests from."""
     saved = socket.socket, socket.getaddrinfo, socket.gethostbyname
     enable_socket()
     try:

@@ -135,8 +135,10 @@ def test_a_throwaway_postgresql_server_for_the_run(db_tree):
 
 
 def test_a_server_given_by_url_gets_a_database_of_its_own_dropped_after(db_tree, monkeypatch):
+    """By host name, as CI's service containers are reached: the unit trees' tests, which may not
+    resolve one (pytest-socket), still reach their database."""
     with ThrowawayPostgres() as url:
-        server = url.replace("postgresql+psycopg", "postgresql").rsplit("/", 1)[0]
+        server = url.replace("postgresql+psycopg", "postgresql").replace("127.0.0.1", "localhost").rsplit("/", 1)[0]
         monkeypatch.setenv("TEST_DATABASE_URL", f"{server}/shop")
         db_tree.run(EXPECTED_DIALECT="postgresql").assert_outcomes(**OUTCOMES)
         with psycopg.connect(f"{server}/postgres") as connection:
