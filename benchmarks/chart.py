@@ -51,7 +51,7 @@ def _panel_memory(axis, configurations: dict, with_rss: bool = True) -> None:
     axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / len(names)), ncol=2, frameon=False)
 
 
-def draw(results: dict, path: Path) -> Path:
+def draw(results: dict, path: Path) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,6 +70,8 @@ def draw(results: dict, path: Path) -> Path:
         suites.append((results["warm"]["configurations"], "This repository's integration tests: cold and --ml-warm", True))
     if "peers" in results:
         suites.append((results["peers"]["configurations"], f"{results['peers']['tree']}: ours and the peers", False))
+    if not suites:  # only sections without a picture (unit: its point is pytest's session time, in the table)
+        return None
     height = sum(1.2 + 0.45 * len(configs) for configs, _, _ in suites)
     figure, axes = pyplot.subplots(
         len(suites), 2, figsize=(13, height), squeeze=False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -20,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import psutil
@@ -34,7 +35,7 @@ import concurrency  # noqa: E402
 import selection  # noqa: E402
 from ml_fixtures import scaffold  # noqa: E402
 from ml_models import PROJECT  # noqa: E402
-from suite import PEER_FIXTURES, SCALE_TEST, Sizes, generate, generate_bare_unit  # noqa: E402
+from suite import PEER_FIXTURES, SCALE_TEST, Sizes, generate, generate_bare_unit, generate_trivial_unit  # noqa: E402
 
 PACKAGES = ("torch", "transformers", "FlagEmbedding", "pytest", "pytest-xdist", "SQLAlchemy")
 #: Recorded where installed (the peers section needs them).
@@ -234,6 +235,8 @@ def _range(stat: dict, digits: int = 1) -> str:
 def markdown(results: dict) -> str:
     """The tables of every section that ``results`` has."""
     lines = core_markdown(results) if "configurations" in results else []
+    if "unit" in results:
+        lines += ["", *unit_markdown(results["unit"])]
     if "scale" in results:
         lines += ["", *scale_markdown(results["scale"])]
     if "warm" in results:
@@ -336,6 +339,69 @@ def scale_markdown(scale: dict) -> list[str]:
                 f"{c['check_ms_median']:.2f} ms per test (median, max {c['check_ms_max']:.2f} ms){deferred}; "
                 f"the snapshot at load {c['snapshot_ms']:.1f} ms."
             )
+    return lines
+
+
+UNIT_LIBRARY = "fixture library: test_db, both services on the fakes"
+UNIT_FLOOR = "floor: trivial tests, bare pytest"
+#: Bytecode on, as `make test` runs: the imports and pytest's rewritten test modules come from their
+#: caches, as on every run after a developer's first.
+UNIT_ENV = {"PYTHONDONTWRITEBYTECODE": ""}
+
+
+def unit_configurations(workdir: Path, sizes: Sizes) -> dict[str, tuple[Path, list[str]]]:
+    """The generated unit modules on the fixture library, and as many trivial tests in as many modules, bare."""
+    library, floor = workdir / "unit-library", workdir / "unit-floor"
+    for path in (library, floor):
+        path.mkdir()
+    generate(library, replace(sizes, sparse_modules=0, classifier_modules=0))
+    generate_trivial_unit(floor, sizes)
+    return {UNIT_LIBRARY: (library, ["unit", "-n", "0"]), UNIT_FLOOR: (floor, ["unit", "-n", "0"])}
+
+
+def unit_section(workdir: Path, sizes: Sizes, runs: int, runner) -> dict:
+    """pytest's own session time for the unit modules on the fixture library and for the floor, runs
+    alternating, after one untimed run of each (which writes the bytecode caches the timed ones read).
+
+    Over the floor: per pair of neighbouring runs, (library − floor) / tests, so that a load that
+    comes and goes on a shared machine moves both halves of a pair alike.
+    """
+    configs = unit_configurations(workdir, sizes)
+    for root, args in configs.values():
+        runner(root, args)
+    results = alternate(configs, runs, runner, label="unit ")
+    pairs = zip(results[UNIT_LIBRARY]["runs"], results[UNIT_FLOOR]["runs"])
+    over = [1000 * (library["session_s"] - floor["session_s"]) / sizes.unit_tests for library, floor in pairs]
+    return {
+        "date": datetime.date.today().isoformat(),
+        "tests": sizes.unit_tests,
+        "modules": sizes.unit_modules,
+        "runs": runs,
+        "configurations": results,
+        "over_floor_ms_per_test": {"median": statistics.median(over), "min": min(over), "max": max(over)},
+    }
+
+
+def unit_markdown(section: dict) -> list[str]:
+    configs, tests = section["configurations"], section["tests"]
+    over = section["over_floor_ms_per_test"]
+    lines = [
+        f"Unit tests at pytest's own cost: {tests} unit tests shaped like the suite's (`test_db`, "
+        "`SparseEmbeddingService(test_db).generate_embedding`, `MLClassificationService(test_db).predict` on the "
+        f"fakes) against {tests} trivial parametrized tests in a bare directory, the floor; both in {section['modules']} "
+        "modules, `-n 0`, pytest's session time (\"in X s\" of its summary line), bytecode cached; "
+        f"{section['runs']} runs each, alternating, after an untimed one; median [min–max]. {section['date']}.",
+        "",
+        "| configuration | session s | ms per test |",
+        "|---|---|---|",
+    ]
+    for name, c in configs.items():
+        per_test = {k: 1000 * v / tests for k, v in c["session_s"].items()}
+        lines.append(f"| {name} | {_range(c['session_s'], 2)} | {_range(per_test, 2)} |")
+    lines += [
+        "",
+        f"The fixture library over the floor: {_range(over, 2)} ms a test (per pair of neighbouring runs).",
+    ]
     return lines
 
 
@@ -546,7 +612,7 @@ def peers_markdown(section: dict) -> list[str]:
     return lines
 
 
-SECTIONS = ("core", "scale", "warm", "peers", "concurrency", "selection")
+SECTIONS = ("core", "unit", "scale", "warm", "peers", "concurrency", "selection")
 
 
 #: Configurations whose processes are the point; an in-process smoke run leaves them out.
@@ -579,6 +645,7 @@ def main(argv: list[str] | None = None, runner=None, probe=None) -> dict:
     sizes = SMOKE_SIZES if args.smoke else Sizes()
     runs = 1 if args.smoke else args.runs
     in_process = runner is not None
+    unit_runner = runner or functools.partial(run_pytest, env=UNIT_ENV, memory=False)
     runner, probe = runner or run_pytest, probe or run_probe
 
     results = json.loads(args.output.read_text()) if args.output.exists() and set(sections) != set(SECTIONS) else {}
@@ -606,6 +673,8 @@ def main(argv: list[str] | None = None, runner=None, probe=None) -> dict:
                     "quantize": probe("quantize", *(SMOKE_QUANTIZE if args.smoke else (3,))),
                 }
             )
+        if "unit" in sections:
+            results["unit"] = unit_section(Path(tmp), sizes, runs, unit_runner)
         if "scale" in sections:
             results["scale"] = scale_section(Path(tmp), runs)
         if "warm" in sections:

@@ -61,6 +61,14 @@ UNIT_TEST = """
         assert SparseEmbeddingService(test_db).generate_embedding(f"python lesson {{i}}")
         assert MLClassificationService(test_db).predict("Bake the bread in the oven").predictions
 """
+#: The floor of the unit section: what pytest itself costs a test that needs nothing.
+TRIVIAL_TEST = """
+    import pytest
+
+    @pytest.mark.parametrize("i", range({n}))
+    def test_trivial(i):
+        assert i >= 0
+"""
 #: At the seed's scale the weights are random: the test checks the model call, not a token's weight.
 SCALE_TEST = """
     import pytest
@@ -167,3 +175,10 @@ def generate_bare_unit(root: Path, sizes: Sizes) -> None:
     (root / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider\n")
     for i in range(sizes.unit_modules):
         _write(root / "unit" / f"test_unit_{i:02d}.py", UNIT_TEST.format(n=sizes.tests_per_unit_module))
+
+
+def generate_trivial_unit(root: Path, sizes: Sizes) -> None:
+    """As many trivial tests as the unit modules hold, in as many modules, in a bare directory: pytest's own cost."""
+    (root / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider\n")
+    for i in range(sizes.unit_modules):
+        _write(root / "unit" / f"test_trivial_{i:02d}.py", TRIVIAL_TEST.format(n=sizes.tests_per_unit_module))

@@ -27,7 +27,7 @@ import hashlib
 import json
 import platform
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -112,7 +112,7 @@ class CassetteMissError(LookupError):
 class Replay:
     """What one fake model answers from the cassettes, for one test: ``get(text)`` -> recorded output or None."""
 
-    calls: dict[str, object]
+    calls: Mapping[str, object]
     mode: ReplayMode = ReplayMode.FALLBACK
     model: str = ""
     #: The test asking, and the cassette its module records into (named in a strict miss).
@@ -150,6 +150,40 @@ class Replay:
         )
 
 
+class _ReplayIndex(Mapping):
+    """:meth:`Cassettes.replay_index`, settling which cassettes are stale only once one of them holds
+    an input asked for: the model's fingerprint is a look-up on disk (the Hugging Face cache's
+    included, a third of a second), which a unit run whose inputs no cassette holds never needs."""
+
+    def __init__(self, cassettes: Cassettes, spec: ModelSpec):
+        self._cassettes, self._spec = cassettes, spec
+        self._recorded = [
+            entry["calls"] for cassette in cassettes._all().values() if (entry := cassette.get("models", {}).get(spec.model_name))
+        ]
+        self._current: dict[str, object] | None = None
+
+    def settled(self) -> dict[str, object]:
+        """The index itself (which cassettes are stale looked up now, if not yet)."""
+        if self._current is None:
+            self._current = self._cassettes._index(self._spec)
+        return self._current
+
+    def get(self, key: str, default: object = None) -> object:
+        return self[key] if key in self else default
+
+    def __contains__(self, key: object) -> bool:
+        return any(key in calls for calls in self._recorded) and key in self.settled()
+
+    def __getitem__(self, key: str) -> object:
+        return self.settled()[key]
+
+    def __iter__(self):
+        return iter(self.settled())
+
+    def __len__(self) -> int:
+        return len(self.settled())
+
+
 class Cassettes:
     """Every cassette under one directory: the replay index, the recording, the stale list, the edits of accept and prune."""
 
@@ -165,9 +199,10 @@ class Cassettes:
         self._loaded: dict[Path, dict] | None = None
         self._recording: dict[Path, dict] = {}
         self._entries: dict[tuple[Path, str], dict | None] = {}
-        self._indexes: dict[str, dict[str, object]] = {}
+        self._indexes: dict[str, _ReplayIndex] = {}
         #: Model -> key -> the cassette (relative) whose output the index holds.
         self._sources: dict[str, dict[str, str]] = {}
+        self._paths: dict[Path, Path] = {}
 
     def current_fingerprint(self, spec: ModelSpec) -> str | None:
         if spec.model_name not in self._fingerprints:
@@ -189,21 +224,27 @@ class Cassettes:
         current = self.current_fingerprint(spec)
         return current is not None and entry.get("fingerprint") != current
 
-    def replay_index(self, spec: ModelSpec) -> dict[str, object]:
+    def replay_index(self, spec: ModelSpec) -> Mapping[str, object]:
         """Input -> recorded output of ``spec``'s model, from every cassette that is not stale (every one under
         the maintenance modes); where several hold an input, the last by path."""
         if spec.model_name not in self._indexes:
-            index, sources = {}, {}
-            for path, cassette in self._all().items():
-                entry = cassette.get("models", {}).get(spec.model_name)
-                if entry and (self.mode.maintains or not self.is_stale(entry, spec)):
-                    index.update(entry["calls"])
-                    sources.update(dict.fromkeys(entry["calls"], self.relative(path)))
-            self._indexes[spec.model_name], self._sources[spec.model_name] = index, sources
+            self._indexes[spec.model_name] = _ReplayIndex(self, spec)
+        return self._indexes[spec.model_name]
+
+    def _index(self, spec: ModelSpec) -> dict[str, object]:
+        index, sources = {}, {}
+        for path, cassette in self._all().items():
+            entry = cassette.get("models", {}).get(spec.model_name)
+            if entry and (self.mode.maintains or not self.is_stale(entry, spec)):
+                index.update(entry["calls"])
+                sources.update(dict.fromkeys(entry["calls"], self.relative(path)))
+        self._sources[spec.model_name] = sources
+        return index
         return self._indexes[spec.model_name]
 
     def replayed(self, spec: ModelSpec, key: str) -> EntryRef:
         """The entry whose output the replay index holds for ``key``."""
+        self.replay_index(spec).settled()
         return EntryRef(self._sources[spec.model_name][key], spec.model_name, key)
 
     def held(self, cassette_path: Path, spec: ModelSpec) -> dict[str, object]:
@@ -230,9 +271,9 @@ class Cassettes:
     def stale(self, specs: tuple[ModelSpec, ...]) -> list[str]:
         """Cassettes recorded from another version of a model than the one in use (re-recorded ones excepted).
 
-        Only the models this run replayed or recorded count: looking up another's fingerprint (the
-        Hugging Face cache included) would cost a run that used none of them its time. None under the
-        maintenance modes: they replay every cassette, and the drift report shows both fingerprints.
+        Only the models this run replayed a cassette of or recorded count: looking up another's fingerprint
+        (the Hugging Face cache included) would cost a run that used none of them its time. None under
+        the maintenance modes: they replay every cassette, and the drift report shows both fingerprints.
         """
         if self.mode.maintains:
             return []
@@ -248,12 +289,13 @@ class Cassettes:
 
     def path_for(self, module_path: Path, rootpath: Path) -> Path:
         """One cassette per test module, mirroring its path below the tests' root."""
-        base = self.directory.parent
-        try:
-            relative = module_path.relative_to(base)
-        except ValueError:
-            relative = module_path.relative_to(rootpath)
-        return self.directory / relative.with_suffix(".json")
+        if module_path not in self._paths:  # asked for each test: worked out once per module
+            try:
+                relative = module_path.relative_to(self.directory.parent)
+            except ValueError:
+                relative = module_path.relative_to(rootpath)
+            self._paths[module_path] = self.directory / relative.with_suffix(".json")
+        return self._paths[module_path]
 
     def recording(
         self, cassette_path: Path, spec: ModelSpec, environment: Callable[[], dict[str, str]]

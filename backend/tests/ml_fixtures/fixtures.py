@@ -9,6 +9,7 @@ from __future__ import annotations
 from unittest import mock
 
 import pytest
+from sqlalchemy.orm import Session
 
 from ml_fixtures import database
 from ml_fixtures.declaration import LoadedModel, ModelSpec
@@ -74,15 +75,35 @@ def mock_ml_models_in_unit_tests(request: pytest.FixtureRequest, monkeypatch: py
     ml_models(request.config).route(request, monkeypatch)
 
 
-@pytest.fixture(scope="session")
-def test_db_engine(pytestconfig: pytest.Config):
-    """The run's database engine (schema created once); None means a fresh in-memory SQLite per test."""
-    with database.engine_for_run(pytestconfig, ml_models(pytestconfig).project.database_metadata) as engine:
+def _run_database(config: pytest.Config) -> database.RunDatabase:
+    return database.RunDatabase.of(config, ml_models(config).project.database_metadata)
+
+
+@pytest.fixture
+def test_db_engine(request: pytest.FixtureRequest):
+    """The engine of a database of this test's own: a copy of the prepared schema, dropped after the test.
+
+    Commits on it are real and it takes any number of connections, so a second session sees what
+    the first committed, as in production. Taking it gives ``test_db`` this database too (as the
+    ``fresh_db`` marker does). On SQLite the copy is a file in a temporary directory (sqlite3's
+    backup API), on PostgreSQL a database made with ``CREATE DATABASE ... TEMPLATE``.
+    """
+    with _run_database(request.config).fresh() as engine:
         yield engine
 
 
 @pytest.fixture
-def test_db(request: pytest.FixtureRequest, test_db_engine):
-    """A database session per test: fresh in-memory SQLite, or (``--db``/``--db-url``) a rolled-back transaction."""
-    with database.session_for_test(test_db_engine, ml_models(request.config).project.database_metadata) as session:
+def test_db(request: pytest.FixtureRequest):
+    """A database session for one test, on the real schema (``--db``, ``--db-url``: which database).
+
+    By default the test runs inside a transaction rolled back after it, on a database whose schema
+    is created once per process; the code's own ``commit()`` and ``rollback()`` work on a SAVEPOINT
+    inside it. Mark a test ``@pytest.mark.fresh_db`` (or take ``test_db_engine``) for a database of
+    its own instead, where commits are real: for code that opens its own sessions or connections.
+    """
+    if "test_db_engine" in request.fixturenames or request.node.get_closest_marker(database.FRESH_MARKER):
+        with Session(request.getfixturevalue("test_db_engine"), expire_on_commit=False) as session:
+            yield session
+        return
+    with _run_database(request.config).session() as session:
         yield session

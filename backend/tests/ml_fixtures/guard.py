@@ -56,11 +56,7 @@ class BlockedTest:
 
     @classmethod
     def of(cls, item: pytest.Item, policy: str) -> BlockedTest:
-        try:
-            directory = item.path.parent.relative_to(item.config.rootpath)
-        except ValueError:
-            directory = item.path.parent
-        return cls(item.nodeid, f"{Path(directory).as_posix()}/", str(policy))
+        return cls(item.nodeid, _directory_shown(item.path, item.config.rootpath), str(policy))
 
     def message(self, what: str) -> str:
         return (
@@ -186,6 +182,16 @@ class _PatchingLoader(importlib.abc.Loader):
     def exec_module(self, module):
         self.loader.exec_module(module)
         self.patch(module)
+
+
+@functools.cache  # every test of a module asks (BlockedTest.of runs for each unit test)
+def _directory_shown(module_path: Path, rootpath: Path) -> str:
+    """The test module's directory as messages show it: below the rootdir, with a trailing slash."""
+    try:
+        directory = module_path.parent.relative_to(rootpath)
+    except ValueError:
+        directory = module_path.parent
+    return f"{directory.as_posix()}/"
 
 
 def _with_own(cls: type, name: str) -> list[type]:

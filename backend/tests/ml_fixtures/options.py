@@ -214,8 +214,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--db",
         default=Database.SQLITE.value,
         metavar=_values(Database),
-        help="sqlite (default: a fresh in-memory database per test) or postgresql (a throwaway server for the "
-        "run, started with pg_ctl; each test in a transaction rolled back after it)",
+        help="sqlite (default: in memory) or postgresql (a throwaway server for the run, started with pg_ctl); "
+        "either way the schema is created once and each test runs in a transaction rolled back after it "
+        "(@pytest.mark.fresh_db: a database of the test's own)",
     )
     database.addoption(
         "--db-url",

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pytest_socket import disable_socket, enable_socket
 
 from _ml_fixtures_warm_core.identity import EnvironmentDefaults
 from ml_fixtures import hookspecs, verify
@@ -72,6 +73,9 @@ def pytest_configure(config: pytest.Config) -> None:
         f"{MARKER}: run this test on real models (opts out of the automatic fake models and the unit-tree guard)",
     )
     take_back_a_path(config)
+    config.addinivalue_line(
+        "markers", "fresh_db: test_db on a database of this test's own, where commits are real (see test_db)"
+    )
     plugin = MLModels(config, project_of(config))
     config.stash[ml_models_key] = plugin
     config.pluginmanager.register(plugin, "ml-models")
@@ -310,7 +314,9 @@ class MLModels:
             monkeypatch.setattr(spec.service, spec.seam, lambda service, s=spec, r=replay: s.make_fake(r))
         if policy is Policy.UNIT:
             self.blocker.guard_test(request, monkeypatch, BlockedTest.of(item, policy))
-            request.getfixturevalue("socket_disabled")
+            # What pytest-socket's socket_disabled fixture does, without a fixture's set-up per test.
+            disable_socket(allow_unix_socket=self.config.getoption("--allow-unix-socket"))
+            request.addfinalizer(enable_socket)
 
     # ------------------------------------------------------------ cassettes: what each test uses
 

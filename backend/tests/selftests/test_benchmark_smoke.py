@@ -64,6 +64,36 @@ def test_the_harness_runs_every_configuration_and_counts_its_loads(bench, pytest
     assert all(c["wall_s"]["median"] > 0 and len(c["runs"]) == 1 for c in results.values())
 
 
+def test_the_unit_section_times_both_trees_and_renders_ms_per_test_over_the_floor(bench, pytester, monkeypatch, tmp_path):
+    run, _, _ = bench
+
+    def in_process(root, args):
+        monkeypatch.chdir(root)
+        start = time.perf_counter()
+        result = pytester.runpytest_inprocess("-q", *args)
+        assert result.ret == 0, result.stdout.str()[-3000:]
+        stdout = result.stdout.str()
+        return {
+            "wall_s": time.perf_counter() - start,
+            "session_s": run.session_seconds(stdout),
+            "outcome": run.outcome(stdout),
+            "torch_imported": False,
+        }
+
+    section = run.unit_section(tmp_path, run.SMOKE_SIZES, 1, in_process)
+    configs = section["configurations"]
+    # One untimed run of each, then the timed one: both trees hold the smoke sizes' one unit test.
+    assert {name: [r["outcome"] for r in c["runs"]] for name, c in configs.items()} == {
+        run.UNIT_LIBRARY: [{"passed": 1}],
+        run.UNIT_FLOOR: [{"passed": 1}],
+    }
+    library, floor = (configs[name]["session_s"]["median"] for name in (run.UNIT_LIBRARY, run.UNIT_FLOOR))
+    assert section["over_floor_ms_per_test"]["median"] == pytest.approx(1000 * (library - floor))
+    table = run.markdown({"unit": section})
+    assert f"| {run.UNIT_LIBRARY} |" in table and f"| {run.UNIT_FLOOR} |" in table
+    assert "The fixture library over the floor:" in table
+
+
 def test_the_bare_process_probes_measure_the_floor_and_int8(bench):
     _, probes, _ = bench
     floor = probes.floor(4)
