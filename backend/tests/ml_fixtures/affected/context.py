@@ -4,6 +4,7 @@ library, the project's model declaration. A change to any of them affects every 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -52,7 +53,7 @@ def conftest_files(config: pytest.Config) -> list[Path]:
     ]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Context:
     """The run-wide components, by name: "python", "packages", "settings" and "file:<path>" for each global file."""
 
@@ -72,7 +73,7 @@ class Context:
             components[f"file:{relative(path, root) or path}"] = state.digest if state else "(gone)"
         return cls(components)
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         return hashlib.blake2b(json.dumps(self.components, sort_keys=True).encode(), digest_size=12).hexdigest()
 

@@ -196,6 +196,8 @@ class AffectedRun:
         """Trace the tests this process runs (none: nothing to start)."""
         if self.recorder is None or self.controller or not session.items or session.config.option.collectonly:
             return
+        if self.stale_files is not None and not self.stale_files:
+            return  # every record stands: no tracing, no per-test hooks (the outcomes come from the reports)
         excluded = [LIBRARY, *conftest_files(self.config)]
         search = [Path(p) for p in sys.path if relative(p or ".", self.root) is not None or Path(p or ".").resolve() == self.root]
         self.recorder.prepare(excluded, search, self.stale_files)
@@ -229,17 +231,36 @@ class AffectedRun:
             self.record.write(snapshot)
 
     def _snapshot(self) -> Snapshot:
-        snapshot = Snapshot(deleted=self.deleted, meta=self._meta())
+        snapshot = Snapshot(deleted=self.deleted)
         if self.recorder is None:
             return snapshot
         self.recorder.end()
-        snapshot.outcomes = {n: o for n, o in self.recorder.outcomes.items() if n not in self.recorder.test_files}
+        snapshot.outcomes = self._outcomes_changed()
         if self.recorder.test_files:  # some were traced
+            snapshot.meta = self._meta()
             context = self._context()
             tests, sources, files = self.recorder.records(context.digest, self.models.fingerprint, self._every_source)
             snapshot.tests, snapshot.sources, snapshot.files = tests, sources, files
             snapshot.contexts = {context.digest: context.components}
         return snapshot
+
+    def _outcomes_changed(self) -> dict[str, str]:
+        """The untraced tests whose outcome is not the recorded one, from the reports the terminal kept
+        (on the xdist controller: every worker's)."""
+        terminal = self.config.pluginmanager.get_plugin("terminalreporter")
+        if terminal is None:
+            return {}
+        outcomes: dict[str, str] = {}
+        for category, reports in terminal.stats.items():
+            for report in reports:
+                nodeid = getattr(report, "nodeid", None)
+                if not nodeid or nodeid in self.recorder.test_files or getattr(report, "when", None) is None:
+                    continue
+                failed = category in ("failed", "error") or report.failed
+                if failed or outcomes.get(nodeid) != "failed":
+                    outcomes[nodeid] = "failed" if failed else "skipped" if report.skipped else outcomes.get(nodeid, "passed")
+        recorded = self.record.outcomes() if self.record.exists() else {}
+        return {nodeid: outcome for nodeid, outcome in outcomes.items() if nodeid in recorded and recorded[nodeid][0] != outcome}
 
     def _fingerprint_memo(self) -> dict:
         if self.record is None or not self.record.exists():
