@@ -10,7 +10,7 @@ import pytest
 from ml_fixtures import unused
 from ml_fixtures.cassettes import dump
 from ml_fixtures.usage import CassetteUsage, EntryRef, Selection, Use
-from selftests.test_cassette_verification import MODELS, OTHER, QUERIES, RECORDING, REPLAYING, TEXTS
+from selftests.test_cassette_verification import MODELS, QUERIES, RECORDING, TEXTS, record_tree
 
 SPARSE, CLASSIFIER, RERANKER = "BAAI/bge-m3", "backend/taxonomy-classifier", "BAAI/bge-reranker-v2-m3"
 UNIT = "unit/test_replays.py::test_replays"
@@ -21,11 +21,7 @@ LEFTOVER = "A text that no test asks for any more"
 @pytest.fixture
 def tree(ml_tree) -> Path:
     """A recorded tree whose cassette of test_models also holds an entry that no test uses."""
-    directory = ml_tree.root / "cassettes"
-    ml_tree.write("integration/test_models.py", RECORDING)
-    ml_tree.write("integration/test_other.py", OTHER)
-    ml_tree.write("unit/test_replays.py", REPLAYING)
-    ml_tree.run("integration", "--ml-record=once", f"--ml-cassette-dir={directory}").assert_outcomes(passed=2)
+    directory = record_tree(ml_tree)
     cassette = json.loads((directory / MODELS).read_text())
     cassette["models"][SPARSE]["calls"][LEFTOVER] = {"text": 0.2}
     (directory / MODELS).write_text(dump(cassette))

@@ -113,15 +113,20 @@ def changed_models(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture
-def recorded(ml_tree) -> Path:
-    """A tree whose integration tests recorded their cassettes from the embedded models."""
+def record_tree(ml_tree) -> Path:
+    """Write the tree's tests and record their cassettes from the embedded models: the cassettes' directory."""
     directory = ml_tree.root / "cassettes"
     ml_tree.write("integration/test_models.py", RECORDING)
     ml_tree.write("integration/test_other.py", OTHER)
     ml_tree.write("unit/test_replays.py", REPLAYING)
     ml_tree.run("integration", "--ml-record=once", f"--ml-cassette-dir={directory}").assert_outcomes(passed=2)
     return directory
+
+
+@pytest.fixture
+def recorded(ml_tree) -> Path:
+    """A tree whose integration tests recorded their cassettes from the embedded models."""
+    return record_tree(ml_tree)
 
 
 def verify(ml_tree, directory: Path, *args: str, mode: str = "verify", **env: str):
