@@ -217,9 +217,33 @@ def _blocking(original, what: str, blocker: ModelBlocker):
     if isinstance(original, (classmethod, staticmethod)):
         return type(original)(_blocking(original.__func__, what, blocker))
 
+    constructor = what.endswith(".__init__")
+
     @functools.wraps(original)
     def blocked(*args, **kwargs):
+        if constructor and blocker.is_blocked:
+            _disarm(args[0])
         blocker.check(what)
         return original(*args, **kwargs)
 
     return blocked
+
+
+@functools.cache
+def _refused(cls: type) -> type:
+    """``cls`` without its finalizer: a subclass of the same layout whose ``__del__`` does nothing."""
+    return type(f"Refused{cls.__name__}", (cls,), {"__slots__": (), "__del__": lambda self: None, "__module__": cls.__module__})
+
+
+def _disarm(instance: object) -> None:
+    """Take the finalizer away from an instance whose ``__init__`` the guard refuses.
+
+    Its class's ``__del__`` would run on attributes ``__init__`` never set (FlagEmbedding's
+    ``AbsEmbedder.__del__`` reads ``self.pool``) and raise during a later garbage collection. On
+    CPython 3.11 pytest's hook that formats such an exception parses source, which corrupts any
+    ``ast.parse`` the collection interrupted: a conftest import elsewhere fails with "AST
+    constructor recursion depth mismatch". Blocking ``__new__`` instead is no way out: a class
+    whose ``__new__`` was set and deleted again refuses arguments from then on.
+    """
+    if getattr(type(instance), "__del__", None) is not None:
+        instance.__class__ = _refused(type(instance))

@@ -34,6 +34,7 @@ def bench(monkeypatch):
     return run, probes, chart
 
 
+@pytest.mark.slow
 def test_the_harness_runs_every_configuration_and_counts_its_loads(bench, pytester, monkeypatch, tmp_path):
     run, _, _ = bench
 
@@ -94,6 +95,7 @@ def test_the_unit_section_times_both_trees_and_renders_ms_per_test_over_the_floo
     assert "The fixture library over the floor:" in table
 
 
+@pytest.mark.slow
 def test_the_bare_process_probes_measure_the_floor_and_int8(bench):
     _, probes, _ = bench
     floor = probes.floor(4)
@@ -114,6 +116,7 @@ def test_the_committed_results_render_as_tables_and_a_chart(bench, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_a_run_reports_its_own_peak_memory_not_the_runners(bench, tmp_path):
     """Linux carries a process's RSS high-water mark across execve into the children it starts:
     a runner that built a 2.2 GB model made every run report at least that (ru_maxrss)."""

@@ -52,6 +52,7 @@ def test_each_test_notes_the_entries_it_replayed_or_recorded(ml_tree, tree):
     assert set(data["selection"]["outcomes"]) == set(tests) and set(data["selection"]["outcomes"].values()) == {"passed"}
 
 
+@pytest.mark.slow
 def test_a_recording_run_notes_what_each_test_records(ml_tree):
     directory, path = ml_tree.root / "cassettes", ml_tree.root / "usage.json"
     ml_tree.write("integration/test_models.py", RECORDING)
@@ -104,6 +105,7 @@ def test_prune_under_k_or_a_narrower_path_removes_nothing(ml_tree, tree):
     assert {path: path.read_bytes() for path in tree.rglob("*.json")} == before
 
 
+@pytest.mark.slow
 def test_prune_after_a_failed_test_removes_nothing(ml_tree, tree):
     before = (tree / MODELS).read_bytes()
     ml_tree.write("unit/test_failing.py", "def test_failing():\n    assert False\n")
@@ -113,6 +115,7 @@ def test_prune_after_a_failed_test_removes_nothing(ml_tree, tree):
     assert (tree / MODELS).read_bytes() == before
 
 
+@pytest.mark.slow
 def test_prune_in_a_run_of_every_test_removes_only_the_unused_entry(ml_tree, tree):
     cassette = json.loads((tree / MODELS).read_text())
     del cassette["models"][SPARSE]["calls"][LEFTOVER]
@@ -125,6 +128,7 @@ def test_prune_in_a_run_of_every_test_removes_only_the_unused_entry(ml_tree, tre
     run(ml_tree, tree, "--ml-record=prune").stdout.fnmatch_lines(["pruned nothing: every cassette entry was used"])
 
 
+@pytest.mark.slow
 def test_the_shards_of_a_split_run_merge_and_prune_together(ml_tree, tree, capsys):
     shards = [ml_tree.root / f"usage-{group}.json" for group in (1, 2)]
     for group, path in enumerate(shards, 1):

@@ -113,13 +113,24 @@ def changed_models(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+#: The cassettes of this process's first recording, by path: the embedded models answer the same each
+#: time, so later trees get these bytes instead of a recording run of their own.
+_first_recording: dict[str, bytes] = {}
+
+
 def record_tree(ml_tree) -> Path:
     """Write the tree's tests and record their cassettes from the embedded models: the cassettes' directory."""
     directory = ml_tree.root / "cassettes"
     ml_tree.write("integration/test_models.py", RECORDING)
     ml_tree.write("integration/test_other.py", OTHER)
     ml_tree.write("unit/test_replays.py", REPLAYING)
-    ml_tree.run("integration", "--ml-record=once", f"--ml-cassette-dir={directory}").assert_outcomes(passed=2)
+    if not _first_recording:
+        ml_tree.run("integration", "--ml-record=once", f"--ml-cassette-dir={directory}").assert_outcomes(passed=2)
+        _first_recording.update(snapshot(directory))
+        return directory
+    for name, data in _first_recording.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(data)
     return directory
 
 
@@ -233,6 +244,7 @@ def entry_lines(text: str, model: str) -> dict[str, range]:
     return spans
 
 
+@pytest.mark.slow
 def test_accept_rewrites_only_the_drifted_entries_lines(ml_tree, recorded, changed_models):
     before = {name: (recorded / name).read_text() for name in (MODELS, "integration/test_other.json")}
     result, report = verify(ml_tree, recorded, mode="accept", CLASSIFICATION_MODEL_PATH=str(changed_models["shifted"]))
@@ -253,6 +265,7 @@ def test_accept_rewrites_only_the_drifted_entries_lines(ml_tree, recorded, chang
     assert result.ret == 0 and report["models"][CLASSIFIER]["drifted"] == 0, "the accepted entries are the model's answers"
 
 
+@pytest.mark.slow
 def test_a_stale_cassette_is_verified_and_accept_makes_it_current(ml_tree, recorded, changed_models):
     """With another fingerprint the classifier's cassette is not replayed in ordinary runs; verify still checks
     the entries the tests would replay, and shows both fingerprints."""

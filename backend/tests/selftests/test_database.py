@@ -129,11 +129,13 @@ def test_a_sqlite_file_given_by_url(db_tree, tmp_path):
     result.assert_outcomes(**OUTCOMES)
 
 
+@pytest.mark.slow
 def test_a_throwaway_postgresql_server_for_the_run(db_tree):
     result = db_tree.run("--db=postgresql", EXPECTED_DIALECT="postgresql")
     result.assert_outcomes(**OUTCOMES)
 
 
+@pytest.mark.slow
 def test_a_server_given_by_url_gets_a_database_of_its_own_dropped_after(db_tree, monkeypatch):
     """By host name, as CI's service containers are reached: the unit trees' tests, which may not
     resolve one (pytest-socket), still reach their database."""

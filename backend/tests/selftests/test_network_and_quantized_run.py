@@ -1,5 +1,7 @@
 """Network off in the unit trees (pytest-socket, HF_HUB_OFFLINE), and the integration tree under int8."""
 
+import pytest
+
 from selftests.conftest import REPO, TESTS
 
 NETWORK = """
@@ -31,6 +33,7 @@ def test_unit_trees_have_no_network_and_integration_keeps_it(ml_tree):
     ml_tree.run().assert_outcomes(passed=3)
 
 
+@pytest.mark.slow
 def test_the_integration_tree_passes_on_int8_models(pytester):
     report = pytester.path / "int8.json"
     result = pytester.runpytest_inprocess(

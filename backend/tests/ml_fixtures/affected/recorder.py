@@ -6,6 +6,8 @@ worker, a warm child), on every run that has pytest's cache.
   the conftests, which every test depends on, aside). On Python 3.11 any trace function slows all
   Python code about twice, so only the test modules with a test whose record is stale (missing, or
   a dependency changed) are traced; the others keep their records, and only their outcome is noted.
+  Libraries imported while a test is traced (torch, transformers: seconds of module code) are
+  imported with the tracer paused (:class:`_UntracedLibraries`): their code is not the repository's.
 - The repository's data files it opened, and whether it started other processes: an audit hook
   (``open``, ``subprocess.Popen``, ``os.fork``, ``os.exec``, ``os.posix_spawn``).
 - The real models it used and what its fake models asked the cassettes: the plugin tells
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.abc
 import os
 import sys
 from collections import defaultdict
@@ -111,6 +114,53 @@ def capture_opened() -> Iterator[set[str]]:
         _Audit.captures.remove(opened)
 
 
+class _UntracedLibraries(importlib.abc.MetaPathFinder):
+    """While the tracer runs, a module from outside the repository executes with it paused: nothing
+    it runs is measured anyway, and importing torch traced takes seconds more."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def find_spec(self, fullname, path, target=None):
+        if sys.gettrace() is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is None:
+                continue
+            if spec.loader is None or not spec.has_location or relative(spec.origin, self.root) is not None:
+                return None  # the repository's own modules (and namespace packages) import traced
+            spec.loader = _UntracedLoader(spec.loader)
+            return spec
+        return None
+
+
+class _UntracedLoader(importlib.abc.Loader):
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec):
+        with _tracer_paused():
+            return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        with _tracer_paused():
+            self.loader.exec_module(module)
+
+
+@contextlib.contextmanager
+def _tracer_paused() -> Iterator[None]:
+    # coverage's CTracer, given back through sys.settrace, reinstalls itself as the C-level tracer.
+    tracer = sys.gettrace()
+    sys.settrace(None)
+    try:
+        yield
+    finally:
+        sys.settrace(tracer)
+
+
 class DependencyRecorder:
     """The dependencies of the tests this process runs (registered as ``ml-affected-recorder``)."""
 
@@ -144,6 +194,7 @@ class DependencyRecorder:
         self.test_files: dict[str, str] = {}
         self.outcomes: dict[str, str] = {}
         self._parsed: dict[str, Source | None] = {}
+        self._libraries = _UntracedLibraries(root)
 
     # ------------------------------------------------------------ tracing
 
@@ -170,6 +221,8 @@ class DependencyRecorder:
             self._trace(False)
         if _Audit.recorder is self:
             _Audit.recorder = None
+        if self._libraries in sys.meta_path:
+            sys.meta_path.remove(self._libraries)
         if self in DependencyRecorder.active:
             DependencyRecorder.active.remove(self)
 
@@ -180,6 +233,7 @@ class DependencyRecorder:
 
             omit = [f"{path}/*" if path.is_dir() else str(path) for path in self.excluded]
             self.coverage = coverage.Coverage(data_file=None, config_file=False, source=[str(self.root)], omit=omit)
+            sys.meta_path.insert(0, self._libraries)
         if on and not self.tracing and not self.unreliable:
             self.coverage.start()
         elif not on and self.tracing:
