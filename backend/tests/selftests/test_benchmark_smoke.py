@@ -106,6 +106,7 @@ def test_the_bare_process_probes_measure_the_floor_and_int8(bench):
     assert quantize["int8"]["load_sparse_s"] > 0
 
 
+@pytest.mark.slow
 def test_the_committed_results_render_as_tables_and_a_chart(bench, tmp_path):
     run, _, chart = bench
     results = json.loads((REPO / "benchmarks" / "results" / "latest.json").read_text())

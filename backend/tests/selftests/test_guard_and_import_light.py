@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from selftests.conftest import REPO, TESTS
 
 GUARDED = """
@@ -63,6 +65,7 @@ def test_real_loads_in_unit_trees_fail_naming_the_marker(ml_tree):
     assert [r["test"] for r in outside] == ["unit/test_guarded.py::test_marked_may_load"]
 
 
+@pytest.mark.slow
 def test_the_unit_and_services_trees_never_import_ml_libraries(ml_tree):
     ml_tree.write(
         "heavy_import_probe.py",
