@@ -80,7 +80,10 @@ def overhead(workdir: Path, runs: int) -> dict:
     generated = workdir / "generated"
     generated.mkdir()
     _generated(generated, GENERATED_TESTS)
-    trees = {"this repository's suite": (REPO, ["-m", "not slow"]), f"{GENERATED_TESTS} generated unit tests": (generated, ["unit"])}
+    trees = {
+        "this repository's suite": (REPO, ["-m", "not slow"]),
+        f"{GENERATED_TESTS} generated unit tests": (generated, ["unit"]),
+    }
     results = {}
     for name, (root, paths) in trees.items():
         cache = workdir / f"cache-overhead-{len(results)}"

@@ -183,3 +183,38 @@ def test_a_peers_section_renders_as_a_table_and_a_chart(bench, tmp_path):
     results = {"peers": section, "date": "today", "machine": {"cpu_count": 2}}
     png = chart.draw(results, tmp_path / "peers.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_concurrency_and_selection_sections_render_as_tables_and_a_chart(bench, tmp_path):
+    run, _, chart = bench
+    import concurrency
+    import selection
+
+    def at_once(wall, *each):
+        return {"wall_s": wall, "runs": [{"wall_s": s, "exit_code": 0, "summary": "15 passed"} for s in each]}
+
+    names = list(concurrency.configurations(2))
+    concurrent = {
+        "target": concurrency.TARGET, "runs_at_once": 2, "repeats": 2,
+        "configurations": {
+            names[0]: concurrency._summarize([at_once(8.0, 8.0), at_once(10.0, 10.0)]),
+            names[1]: concurrency._summarize([at_once(20.0, 19.0, 20.0), at_once(22.0, 21.0, 22.0)]),
+            names[3]: concurrency._summarize([at_once(4.0, 3.0, 4.0), at_once(6.0, 5.0, 6.0)]),
+        },
+    }  # fmt: skip
+    stat = selection._stat
+    missed = {"selected": 3, "missed": []}
+    chosen = {
+        "record_cost": {"trees": selection.APP_TREES, "tests": 83, "configurations": {"record kept": stat([20.0, 22.0])}},
+        "overhead": {"suite": {"tests": None, "collect_only_s": stat([1.0]), "ml_affected_collect_only_s": stat([1.2]),
+                               "overhead_ms": stat([200.0])}},
+        "edits": {"tests": 12, "edits": {"a fake": {"failing": ["t"], "ml_affected": missed,
+                                                    "testmon": {"selected": 0, "missed": ["t"]}}}},
+        "watch": {"--ml-watch": stat([1.5, 2.5]), "ptw": stat([9.0, 11.0])},
+    }  # fmt: skip
+    table = run.markdown({"concurrency": concurrent, "selection": chosen})
+    assert f"| {names[3]} | 5.0 [4.0–6.0] | 4.5 [3.0–6.0] | exit 0: 15 passed | 0.24 |" in table
+    assert "| a fake | 1 | 3 (0 missed) | 0 (1 missed) |" in table and "| ptw | 10.00 [9.00–11.00] |" in table
+    results = {"concurrency": concurrent, "selection": chosen, "date": "today", "machine": {"cpu_count": 2}}
+    png = chart.draw(results, tmp_path / "sections.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
