@@ -1,17 +1,39 @@
 """Measurements in a bare process (no pytest): the import and load floor, and int8 against fp32.
 
-Run as ``python benchmarks/probes.py floor|quantize|check_cost N [LIMIT]``; prints one JSON object.
+Run as ``python benchmarks/probes.py floor|quantize|check_cost|traced_import N [LIMIT]``; prints one JSON object.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "backend"))
+
+#: One import of the ML libraries in a fresh process, as ``argv[1]`` says: untraced, under coverage's
+#: tracer measuring the repository (a stale test's dependency record), or so with the record's finder
+#: that imports libraries with the tracer paused. Prints the seconds.
+IMPORT_UNDER = """
+import sys, time
+sys.path[:0] = [sys.argv[2] + "/backend/tests", sys.argv[2] + "/backend"]
+import coverage
+from ml_fixtures.affected import recorder
+collector = coverage.Coverage(data_file=None, config_file=False, source=[sys.argv[2]])
+if sys.argv[1] == "paused":
+    sys.meta_path.insert(0, recorder._UntracedLibraries(recorder.Path(sys.argv[2])))
+start = time.perf_counter()
+if sys.argv[1] != "untraced":
+    collector.start()
+import torch, transformers, FlagEmbedding
+if sys.argv[1] != "untraced":
+    collector.stop()
+print(time.perf_counter() - start)
+"""
 
 
 def _timed(function):
@@ -173,6 +195,19 @@ def check_cost(repeats: int) -> dict:
     return {"repeats": repeats, **results}
 
 
+def traced_import(repeats: int) -> dict:
+    """The import of torch, transformers and FlagEmbedding in fresh processes, alternating: untraced,
+    traced by the dependency record, traced with libraries imported under the tracer paused."""
+    found: dict[str, list[float]] = {"untraced": [], "traced": [], "paused": []}
+    for _ in range(repeats):
+        for mode, seconds in found.items():
+            command = [sys.executable, "-c", IMPORT_UNDER, mode, str(REPO)]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            seconds.append(float(done.stdout))
+    return {mode: {"median": statistics.median(s), "min": min(s), "max": max(s)} for mode, s in found.items()}
+
+
 if __name__ == "__main__":
     probe, numbers = sys.argv[1], map(int, sys.argv[2:])
-    print(json.dumps({"floor": floor, "quantize": quantize, "check_cost": check_cost}[probe](*numbers)))
+    probes = {"floor": floor, "quantize": quantize, "check_cost": check_cost, "traced_import": traced_import}
+    print(json.dumps(probes[probe](*numbers)))
