@@ -659,6 +659,13 @@ def main(argv: list[str] | None = None, runner=None, probe=None) -> dict:
             },
         }
     )
+
+    def save() -> None:
+        """What is measured so far, written after each section: a later section's failure loses only itself."""
+        results["markdown"] = markdown(results)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="ml-bench-") as tmp:
         if "core" in sections:
             configs = configurations(Path(tmp), sizes)
@@ -673,21 +680,26 @@ def main(argv: list[str] | None = None, runner=None, probe=None) -> dict:
                     "quantize": probe("quantize", *(SMOKE_QUANTIZE if args.smoke else (3,))),
                 }
             )
+            save()
         if "unit" in sections:
             results["unit"] = unit_section(Path(tmp), sizes, runs, unit_runner)
+            save()
         if "scale" in sections:
             results["scale"] = scale_section(Path(tmp), runs)
+            save()
         if "warm" in sections:
             results["warm"] = warm_section(Path(tmp), 5 if runs == 3 else runs)
+            save()
         if "peers" in sections:
             results["peers"] = peers_section(Path(tmp), runs, PEERS_SMOKE_TREE if args.smoke else PEERS_TREE)
+            save()
         if "concurrency" in sections:
             results["concurrency"] = concurrency.section(REPO, Path(tmp), runs, runs=2 if args.smoke else 4)
+            save()
         if "selection" in sections:
             results["selection"] = selection.section(runs)
-    results["markdown"] = markdown(results)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
+            save()
+    save()
     chart.draw(results, args.output.with_suffix(".png"))
     print(results["markdown"])
     return results

@@ -115,12 +115,18 @@ class AffectedRun:
                 found[nodeid] = why
         return found
 
-    @pytest.hookimpl(tryfirst=True)  # before -k, -m and --lf: the deleted tests are seen among all collected
+    @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+        """Before -k, -m and --lf: the deleted tests are seen among all collected."""
+        if self.record is not None and self.record.exists():
+            self.deleted = self._deleted(items)
+
+    @pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
+    def select(self, session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+        """After -k, -m and --lf: among the tests they leave, the affected ones (and the summary of those)."""
         if self.record is None:
             return
         if self.record.exists():
-            self.deleted = self._deleted(items)
             self.selected = self.affected([item.nodeid for item in items])
             stale = {nodeid for nodeid, why in self.selected.items() if any(r.line != FAILED_LAST_TIME for r in why)}
             self.stale_files = {str(item.path) for item in items if item.nodeid in stale}
