@@ -132,6 +132,16 @@ def test_xdist_records_and_the_selection_composes(tree):
     assert tree.selected() == set()  # those three ran (on workers) and were recorded again
 
 
+def test_the_selection_is_among_the_tests_k_and_m_leave(tree):
+    """A record of some tests, then --ml-affected over the same few: nothing to run, and the tests -k
+    left out are not "new" (the selection runs after -k, -m and --lf deselect)."""
+    assert tree.run("-k", "not b1").returncode == 0
+    nothing = tree.run("--ml-affected", "-k", "not b1")
+    assert nothing.returncode == 0, nothing.stdout + nothing.stderr
+    assert "ml-affected: nothing to run: no dependency of the 5 tests changed" in nothing.stdout
+    assert tree.selected() == {"test_b1"}  # without -k: the one never recorded
+
+
 def test_failed_last_time_and_lf_and_warm_runs_record_too(tree):
     tree.flag.touch()
     assert tree.run().returncode == 1

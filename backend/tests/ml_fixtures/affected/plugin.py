@@ -121,8 +121,8 @@ class AffectedRun:
         if self.record is not None and self.record.exists():
             self.deleted = self._deleted(items)
 
-    @pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
-    def select(self, session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    @pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")  # pytest reads only pytest_* names
+    def pytest_collection_modifyitems_select(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         """After -k, -m and --lf: among the tests they leave, the affected ones (and the summary of those)."""
         if self.record is None:
             return
