@@ -362,7 +362,8 @@ class MLModels:
                     item.add_marker(pytest.mark.xdist_group(spec.name))
 
     def pytest_deselected(self, items: list[pytest.Item]) -> None:
-        self._deselected.update(item.nodeid for item in items)
+        # pytest-testmon deselects stand-ins of its own that have no nodeid (FakeItemFromTestmon).
+        self._deselected.update(item.nodeid for item in items if hasattr(item, "nodeid"))
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         """Every declared model's fixtures exist: a missing one is named with the line that defines it."""

@@ -233,6 +233,12 @@ class AffectedRun:
             snapshot.contexts |= other.contexts
             snapshot.deleted += other.deleted
             snapshot.outcomes |= other.outcomes
+        if snapshot.tests:
+            # The selection compares each recorded answer with what the cassettes give now, which needs
+            # the model's fingerprint: remembered here, a selection with nothing changed computes none.
+            for model in {model for test in snapshot.tests for model, _, _ in test.dependencies.lookups}:
+                self.models.fingerprint(model)
+            snapshot.meta = self._meta()
         if snapshot.tests or snapshot.deleted or snapshot.outcomes:
             self.record.write(snapshot)
 
@@ -243,7 +249,6 @@ class AffectedRun:
         self.recorder.end()
         snapshot.outcomes = self._outcomes_changed()
         if self.recorder.test_files:  # some were traced
-            snapshot.meta = self._meta()
             context = self._context()
             tests, sources, files = self.recorder.records(context.digest, self.models.fingerprint, self._every_source)
             snapshot.tests, snapshot.sources, snapshot.files = tests, sources, files
