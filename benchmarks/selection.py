@@ -194,7 +194,8 @@ def watch_latency(workdir: Path, runs: int, bench_python: str) -> dict:
             for run in range(runs):
                 text = target.read_text()
                 saved = time.perf_counter()
-                target.write_text(text.replace("in the final", "in the final " if run % 2 == 0 else "in the final"))
+                edit = ("in the final", "in the final ") if run % 2 == 0 else ("in the final ", "in the final")
+                target.write_text(text.replace(*edit))  # a space in a test's string, then taken out again
                 found[name].append(lines.wait_for(summary, saved) - saved)
                 print(f"run {run + 1}/{runs} selection watch {name}: {found[name][-1]:.2f} s", file=sys.stderr)
                 time.sleep(2)
