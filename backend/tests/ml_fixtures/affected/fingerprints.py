@@ -19,6 +19,8 @@ from ml_fixtures.affected.recorder import capture_opened
 
 #: Environment variables that can change where a model is found or what it is.
 RESOLUTION_VARIABLES = re.compile(r"MODEL|^HF_|HUGGINGFACE|TRANSFORMERS|TORCH|CACHE|^HOME$")
+#: Files opened while a fingerprint is computed that are code, not the model's inputs (and lock files).
+NOT_INPUTS = (".py", ".pyc", ".so", ".zip", ".lock", "/METADATA")
 
 
 def _environment() -> str:
@@ -65,6 +67,11 @@ class Fingerprints:
     def _computed(self, spec) -> str | None:
         with capture_opened() as opened:
             fingerprint = self._compute(spec)
-        inputs = {path: _stat(path) for path in sorted(opened) if not path.startswith(("/proc/", "/sys/", "/dev/"))}
+        # Modules imported on the way are not inputs: whether they load depends on what ran before.
+        inputs = {
+            path: _stat(path)
+            for path in sorted(opened)
+            if not path.startswith(("/proc/", "/sys/", "/dev/")) and not path.endswith(NOT_INPUTS)
+        }
         self.remembered[spec.model_name] = {"fingerprint": fingerprint, "environment": _environment(), "inputs": inputs}
         return fingerprint
