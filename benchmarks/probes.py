@@ -20,12 +20,13 @@ sys.path.insert(0, str(REPO / "backend"))
 #: that imports libraries with the tracer paused. Prints the seconds.
 IMPORT_UNDER = """
 import sys, time
+from pathlib import Path
 sys.path[:0] = [sys.argv[2] + "/backend/tests", sys.argv[2] + "/backend"]
 import coverage
 from ml_fixtures.affected import recorder
 collector = coverage.Coverage(data_file=None, config_file=False, source=[sys.argv[2]])
 if sys.argv[1] == "paused":
-    sys.meta_path.insert(0, recorder._UntracedLibraries(recorder.Path(sys.argv[2])))
+    sys.meta_path.insert(0, recorder._UntracedLibraries(Path(sys.argv[2])))
 start = time.perf_counter()
 if sys.argv[1] != "untraced":
     collector.start()

@@ -141,6 +141,10 @@ class _UntracedLoader(importlib.abc.Loader):
     def __init__(self, loader) -> None:
         self.loader = loader
 
+    def __getattr__(self, name):
+        # What else the module's __loader__ is asked for later (get_source for tracebacks, resource readers).
+        return getattr(self.loader, name)
+
     def create_module(self, spec):
         with _tracer_paused():
             return self.loader.create_module(spec)
