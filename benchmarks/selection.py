@@ -18,10 +18,14 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 APP_TREES = ["backend/tests/unit", "backend/tests/services", "backend/tests/integration"]
 GENERATED_TESTS = 3000
+#: Pairs of collection-only runs per benchmark run in the overhead measure.
+OVERHEAD_PAIRS = 3
 
 
 def _stat(values: list[float]) -> dict:
@@ -76,7 +80,8 @@ def _generated(root: Path, tests: int) -> None:
 
 
 def overhead(workdir: Path, runs: int) -> dict:
-    """Wall of a collection-only run: without a record, and with ``--ml-affected`` and nothing changed."""
+    """Wall of a collection-only run: without a record, and with ``--ml-affected`` and nothing changed;
+    ``OVERHEAD_PAIRS * runs`` pairs, alternating, the overhead per pair."""
     generated = workdir / "generated"
     generated.mkdir()
     _generated(generated, GENERATED_TESTS)
@@ -89,13 +94,14 @@ def overhead(workdir: Path, runs: int) -> dict:
         cache = workdir / f"cache-overhead-{len(results)}"
         _pytest(root, ["-n", "0", "-o", f"cache_dir={cache}", *paths])  # the record (everything traced once)
         plain, selected = [], []
-        for run in range(runs):
+        for run in range(OVERHEAD_PAIRS * runs):  # a tenth of a second in runs of seconds: more pairs than elsewhere
             plain.append(_pytest(root, ["--co", "-p", "no:cacheprovider", *paths])[0])
             seconds, output = _pytest(root, ["--co", "--ml-affected", "-o", f"cache_dir={cache}", *paths])
             if "ml-affected: nothing to run" not in output:
                 raise RuntimeError(f"--ml-affected selected tests where nothing changed:\n{output[-2000:]}")
             selected.append(seconds)
-            print(f"run {run + 1}/{runs} selection overhead {name}: {selected[-1] - plain[-1]:+.3f} s", file=sys.stderr)
+            difference = selected[-1] - plain[-1]
+            print(f"run {run + 1}/{OVERHEAD_PAIRS * runs} selection overhead {name}: {difference:+.3f} s", file=sys.stderr)
         tests = int(re.search(r"(\d+) tests? changed", output).group(1)) if re.search(r"(\d+) tests? changed", output) else None
         results[name] = {
             "tests": tests,
@@ -165,6 +171,17 @@ class _Lines(threading.Thread):
         raise RuntimeError(f"no line matching {pattern!r} within {timeout} s:\n{''.join(line for _, line in self.lines)[-3000:]}")
 
 
+def _wait_until_idle(watcher: subprocess.Popen, lines: _Lines, saved: float, timeout: float = 180) -> None:
+    """Until the cycle has ended, not only printed its summary line: pytest-watcher drops a save that comes
+    while its pytest is still exiting (it clears its trigger after the run), and --ml-watch says when it waits."""
+    if "--ml-watch" in watcher.args:
+        lines.wait_for("waiting for the next save", saved, timeout)
+        return
+    deadline = time.monotonic() + timeout
+    while psutil.Process(watcher.pid).children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def watch_latency(workdir: Path, runs: int, bench_python: str) -> dict:
     """From a saved one-test edit in the integration tree to the run's summary line: ``--ml-watch``
     (warm, the affected test) against pytest-watcher (a fresh pytest of the tree on each save)."""
@@ -198,6 +215,7 @@ def watch_latency(workdir: Path, runs: int, bench_python: str) -> dict:
                 target.write_text(text.replace(*edit))  # a space in a test's string, then taken out again
                 found[name].append(lines.wait_for(summary, saved) - saved)
                 print(f"run {run + 1}/{runs} selection watch {name}: {found[name][-1]:.2f} s", file=sys.stderr)
+                _wait_until_idle(process, lines, saved)
                 time.sleep(2)
         finally:
             process.terminate()
@@ -230,7 +248,8 @@ def markdown(section: dict) -> list[str]:
         "|---|---|",
         *(f"| {name} | {_range(stat)} |" for name, stat in cost["configurations"].items()),
         "",
-        "`--ml-affected` with nothing changed, over a collection-only run without a record (wall, ms):",
+        "`--ml-affected` with nothing changed, over a collection-only run without a record (wall; the overhead per "
+        f"pair of neighbouring runs, {len(next(iter(section['overhead'].values()))['overhead_ms']['runs'])} pairs):",
         "",
         "| suite | collect only s | --ml-affected --co s | overhead ms |",
         "|---|---|---|---|",

@@ -5,11 +5,13 @@ the edit set: test_affected_edits.py."""
 from __future__ import annotations
 
 import textwrap
+import types
 
 import pytest
 
 from ml_fixtures.affected.changes import Now, reasons
 from ml_fixtures.affected.context import Context
+from ml_fixtures.affected.fingerprints import Fingerprints
 from ml_fixtures.affected.record import Dependencies, DependencyRecord, FileState, Snapshot, SourceState, TestRecord
 from ml_fixtures.affected.sources import MODULE, Source, import_closure
 
@@ -185,3 +187,25 @@ def test_a_file_state_is_its_content(tmp_path):
     first = FileState.of(path)
     path.write_text("[]")
     assert FileState.of(path).digest != first.digest and FileState.of(tmp_path / "missing") is None
+
+
+def test_a_remembered_fingerprint_holds_until_its_inputs_or_the_resolution_variables_change(tmp_path, monkeypatch):
+    data, computed = tmp_path / "dataset.json", []
+    data.write_text("[1]")
+
+    def compute(spec):
+        computed.append(spec.model_name)
+        return "fp:" + data.read_text()
+
+    spec = types.SimpleNamespace(model_name="m")
+    first = Fingerprints(compute, dict)
+    assert first(spec) == "fp:[1]"
+    memo = dict(first.remembered)
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # what importing torch sets
+    assert Fingerprints(compute, lambda: memo)(spec) == "fp:[1]" and computed == ["m"]
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert Fingerprints(compute, lambda: memo)(spec) == "fp:[1]" and computed == ["m", "m"]
+    monkeypatch.delenv("HF_HOME")
+    data.write_text("[2]")
+    assert Fingerprints(compute, lambda: memo)(spec) == "fp:[2]" and computed == ["m", "m", "m"]

@@ -17,8 +17,10 @@ from collections.abc import Callable
 
 from ml_fixtures.affected.recorder import capture_opened
 
-#: Environment variables that can change where a model is found or what it is.
-RESOLUTION_VARIABLES = re.compile(r"MODEL|^HF_|HUGGINGFACE|TRANSFORMERS|TORCH|CACHE|^HOME$")
+#: Environment variables that can change where a model is found or what it is. Not the ones a library sets
+#: for itself as it is imported (torch's TORCHINDUCTOR_CACHE_DIR): a run that imported it would never match
+#: the memo of one that did not (a collection-only --ml-affected run).
+RESOLUTION_VARIABLES = re.compile(r"MODEL|^HF_|HUGGINGFACE|^TRANSFORMERS_|^TORCH_HOME$|^XDG_CACHE_HOME$|^HOME$")
 #: Files opened while a fingerprint is computed that are code, not the model's inputs (and lock files).
 NOT_INPUTS = (".py", ".pyc", ".so", ".zip", ".lock", "/METADATA")
 
