@@ -6,7 +6,7 @@ transformers' ``from_pretrained`` and FlagEmbedding's models fail the test with 
 the marker, instead of passing slowly. A fixture that legitimately needs a
 real load takes ``ml_model_blocker`` and loads inside ``with ml_model_blocker.unblock():``.
 Libraries that are not imported yet are patched the moment they are (one import hook in
-``sys.meta_path`` while a test is blocked), so guarding costs a unit run no import.
+``sys.meta_path`` from the first blocked test to the run's end), so guarding costs a unit run no import.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from ml_fixtures.import_hooks import WrappingFinder
 
 #: module -> attributes (``Class.method`` or ``function``) of the ML libraries that load model weights;
 #: a project's declared loaders are added to these (:func:`loaders_of`).
@@ -80,6 +82,9 @@ class ModelBlocker:
         self.loaders = dict(LIBRARY_LOADERS if loaders is None else loaders)
         self._history: list[BlockedTest | None] = []
         self._hook = _PatchAfterImport()
+        #: The loaders' stand-ins, from the first blocked test to :meth:`release`.
+        self._patches: pytest.MonkeyPatch | None = None
+        self._imports_seen = -1
 
     @property
     def blocked(self) -> BlockedTest | None:
@@ -120,56 +125,73 @@ class ModelBlocker:
         if self.blocked is not None:
             pytest.fail(self.blocked.message(what), pytrace=False)
 
-    def guard_test(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, test: BlockedTest) -> None:
-        """Block loads for the rest of ``request``'s test; patch every loader in :attr:`loaders`."""
+    def guard_test(self, request: pytest.FixtureRequest, test: BlockedTest) -> None:
+        """Block loads for the rest of ``request``'s test, every loader in :attr:`loaders` patched."""
+        self._patch()
+        self.block(test)
+        request.addfinalizer(self.restore)
 
-        def patch_module(module: ModuleType) -> None:
-            for attribute in self.loaders[module.__name__]:
-                owner_name, _, name = attribute.rpartition(".")
-                what = f"{module.__name__}.{attribute}"
-                if not owner_name:
-                    monkeypatch.setattr(module, name, _blocking(getattr(module, name), what, self))
-                    continue
-                # Subclasses that carry their own copy (transformers' Auto classes) are patched too.
-                for owner in _with_own(getattr(module, owner_name), name):
-                    monkeypatch.setattr(owner, name, _blocking(owner.__dict__[name], what, self))
+    def release(self) -> None:
+        """Put every loader back and take the import hook away: the run's end (``config.add_cleanup``)."""
+        if self._patches is not None:
+            self._patches.undo()
+            self._patches = None
+            sys.meta_path.remove(self._hook)
+            self._hook.patches.clear()
+        self._imports_seen = -1
 
-        pending = {}
+    def _patch(self) -> None:
+        """Patch the loaders, at the first blocked test; later, only if a module was imported since.
+
+        The stand-ins stay until :meth:`release`: they defer to the real loader while nothing is
+        blocked, so a run patches once rather than per test. A new module may bring a subclass with
+        its own copy of a loader; a loader module not imported yet is patched as it is (the hook).
+        """
+        if self._patches is None:
+            self._patches = pytest.MonkeyPatch()
+            sys.meta_path.insert(0, self._hook)
+        if self._hook.imports == self._imports_seen:
+            return
+        self._imports_seen = self._hook.imports
         for module_name in self.loaders:
             module = sys.modules.get(module_name)
             if module is not None:
-                patch_module(module)
+                self._patch_module(module)
             else:
-                pending[module_name] = patch_module
-        self._hook.patches = pending
-        sys.meta_path.insert(0, self._hook)
-        self.block(test)
+                self._hook.patches[module_name] = self._patch_module
 
-        def unguard() -> None:
-            self.restore()
-            sys.meta_path.remove(self._hook)
+    def _patch_module(self, module: ModuleType) -> None:
+        self._hook.patches.pop(module.__name__, None)
+        for attribute in self.loaders[module.__name__]:
+            owner_name, _, name = attribute.rpartition(".")
+            what = f"{module.__name__}.{attribute}"
+            # Subclasses that carry their own copy (transformers' Auto classes) are patched too.
+            owners = _with_own(getattr(module, owner_name), name) if owner_name else [module]
+            for owner in owners:
+                current = owner.__dict__[name]
+                if _blocker_of(current) is not self:
+                    self._patches.setattr(owner, name, _blocking(current, what, self))
 
-        request.addfinalizer(unguard)
 
-
-class _PatchAfterImport(importlib.abc.MetaPathFinder):
-    """Runs ``patch(module)`` right after one of ``patches``' modules is first imported."""
+class _PatchAfterImport(WrappingFinder):
+    """Runs ``patch(module)`` right after one of ``patches``' modules is first imported; counts imports."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.patches: dict[str, Callable[[ModuleType], None]] = {}
+        #: Modules looked for since the hook went in: a new one may bring a subclass with a loader of its own.
+        self.imports = 0
 
     def find_spec(self, fullname, path, target=None):
+        self.imports += 1
         patch = self.patches.get(fullname)
         if patch is None:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None and spec.loader is not None:
-                spec.loader = _PatchingLoader(spec.loader, patch)
-                return spec
-        return None
+        spec = self.spec_from_the_others(fullname, path, target)
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _PatchingLoader(spec.loader, patch)
+        return spec
 
 
 class _PatchingLoader(importlib.abc.Loader):
@@ -226,7 +248,13 @@ def _blocking(original, what: str, blocker: ModelBlocker):
         blocker.check(what)
         return original(*args, **kwargs)
 
+    blocked.ml_model_blocker = blocker
     return blocked
+
+
+def _blocker_of(loader) -> ModelBlocker | None:
+    """The blocker whose stand-in ``loader`` is (an in-process pytester run's blocker wraps its caller's)."""
+    return getattr(getattr(loader, "__func__", loader), "ml_model_blocker", None)
 
 
 @functools.cache

@@ -152,6 +152,7 @@ class MLModels:
         self.pruned: list[str] = []
         self.prune_refused = ""
         self.blocker = ModelBlocker(loaders_of(project))
+        config.add_cleanup(self.blocker.release)
         self.by_cached_fixture = {spec.cached_fixture: spec for spec in project.models}
         #: The test being run: module-scoped fixtures are set up on behalf of whichever test comes first.
         self.item: pytest.Item | None = None
@@ -313,7 +314,7 @@ class MLModels:
             )  # fmt: skip
             monkeypatch.setattr(spec.service, spec.seam, lambda service, s=spec, r=replay: s.make_fake(r))
         if policy is Policy.UNIT:
-            self.blocker.guard_test(request, monkeypatch, BlockedTest.of(item, policy))
+            self.blocker.guard_test(request, BlockedTest.of(item, policy))
             # What pytest-socket's socket_disabled fixture does, without a fixture's set-up per test.
             disable_socket(allow_unix_socket=self.config.getoption("--allow-unix-socket"))
             request.addfinalizer(enable_socket)

@@ -1,9 +1,12 @@
 """The unit-tree guard's message, real loads reported outside integration, and import-light unit runs."""
 
 import json
+import sys
+import types
 
 import pytest
 
+from ml_fixtures.guard import BlockedTest, ModelBlocker
 from selftests.conftest import REPO, TESTS
 
 GUARDED = """
@@ -65,6 +68,44 @@ def test_real_loads_in_unit_trees_fail_naming_the_marker(ml_tree):
     assert [r["test"] for r in outside] == ["unit/test_guarded.py::test_marked_may_load"]
 
 
+def test_the_guard_patches_once_a_run_and_catches_loaders_that_come_later(tmp_path, monkeypatch):
+    """Patched at the first blocked test, not per test: a loader module imported during a test, and a subclass
+    with its own copy of a loader imported between tests, are blocked all the same; unblocked, the stand-ins
+    are the real loaders; the run's end puts every loader back."""
+    (tmp_path / "late_loaders.py").write_text(
+        "class Loader:\n    @classmethod\n    def from_pretrained(cls, name):\n        return name\n"
+    )
+    (tmp_path / "late_subclass.py").write_text(
+        "from late_loaders import Loader\n\nclass Own(Loader):\n"
+        "    @classmethod\n    def from_pretrained(cls, name):\n        return 'own ' + name\n"
+    )
+    monkeypatch.syspath_prepend(tmp_path)
+    blocker, finalizers = ModelBlocker({"late_loaders": ("Loader.from_pretrained",)}), []
+    request, test = types.SimpleNamespace(addfinalizer=finalizers.append), BlockedTest("unit/t.py::t", "unit/", "unit")
+    try:
+        blocker.guard_test(request, test)
+        import late_loaders
+
+        with pytest.raises(pytest.fail.Exception, match="called late_loaders.Loader.from_pretrained"):
+            late_loaders.Loader.from_pretrained("x")
+        finalizers.pop()()
+        assert late_loaders.Loader.from_pretrained("x") == "x"
+        import late_subclass
+
+        blocker.guard_test(request, test)
+        with pytest.raises(pytest.fail.Exception, match="called late_loaders.Loader.from_pretrained"):
+            late_subclass.Own.from_pretrained("x")
+        finalizers.pop()()
+        assert late_subclass.Own.from_pretrained("x") == "own x"
+    finally:
+        blocker.release()
+        for name in ("late_loaders", "late_subclass"):
+            sys.modules.pop(name, None)
+    assert not hasattr(late_loaders.Loader.from_pretrained, "ml_model_blocker")
+    assert not hasattr(late_subclass.Own.from_pretrained, "ml_model_blocker")
+    assert blocker._hook not in sys.meta_path
+
+
 @pytest.mark.slow
 def test_the_unit_and_services_trees_never_import_ml_libraries(ml_tree):
     ml_tree.write(
@@ -95,3 +136,32 @@ def test_the_unit_and_services_trees_never_import_ml_libraries(ml_tree):
     stages = [json.loads(line) for line in probe.read_text().splitlines()]
     assert stages == [["collection", []], ["session", []]]
     assert ml_tree.loads()["loads"] == 0
+
+
+def test_two_wrapping_finders_ask_each_other_once(tmp_path, monkeypatch):
+    """The guard's import hook and the record's untraced imports each ask the rest of sys.meta_path:
+    a loader module imported while both are in (a blocked test in a traced run) imports once, wrapped by both."""
+    from ml_fixtures.import_hooks import WrappingFinder
+
+    class Counting(WrappingFinder):
+        def __init__(self):
+            super().__init__()
+            self.wrapped = []
+
+        def find_spec(self, fullname, path, target=None):
+            if fullname != "wrapped_twice":
+                return None
+            spec = self.spec_from_the_others(fullname, path, target)
+            if spec is not None:
+                self.wrapped.append(fullname)
+            return spec
+
+    (tmp_path / "wrapped_twice.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    first, second = Counting(), Counting()
+    monkeypatch.setattr(sys, "meta_path", [first, second, *sys.meta_path])
+    try:
+        import wrapped_twice
+    finally:
+        sys.modules.pop("wrapped_twice", None)
+    assert wrapped_twice.VALUE == 1 and first.wrapped == second.wrapped == ["wrapped_twice"]

@@ -209,7 +209,7 @@ def test_the_blocker_lets_a_fixture_load_for_real(ml_tree):
     result.stdout.fnmatch_lines(["*test_outside_unblock_the_guard_holds called app.ml.loading.load_classification_model.*"])
 
 
-def test_the_guard_leaves_one_import_hook_only_while_a_test_runs(ml_tree):
+def test_the_guard_leaves_one_import_hook_and_none_after_the_run(ml_tree):
     ml_tree.write(
         "unit/test_hook.py",
         """

@@ -32,6 +32,7 @@ import pytest
 
 from ml_fixtures.affected.record import Dependencies, FileState, SourceState, TestRecord
 from ml_fixtures.affected.sources import MODULE, Source, import_closure
+from ml_fixtures.import_hooks import WrappingFinder
 
 #: Directories under the rootdir that are not the repository's code or data.
 IGNORED_DIRECTORIES = {
@@ -114,27 +115,22 @@ def capture_opened() -> Iterator[set[str]]:
         _Audit.captures.remove(opened)
 
 
-class _UntracedLibraries(importlib.abc.MetaPathFinder):
+class _UntracedLibraries(WrappingFinder):
     """While the tracer runs, a module from outside the repository executes with it paused: nothing
     it runs is measured anyway, and importing torch traced takes seconds more."""
 
     def __init__(self, root: Path) -> None:
+        super().__init__()
         self.root = root
 
     def find_spec(self, fullname, path, target=None):
         if sys.gettrace() is None:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is None:
-                continue
-            if spec.loader is None or not spec.has_location or relative(spec.origin, self.root) is not None:
-                return None  # the repository's own modules (and namespace packages) import traced
-            spec.loader = _UntracedLoader(spec.loader)
-            return spec
-        return None
+        spec = self.spec_from_the_others(fullname, path, target)
+        if spec is None or spec.loader is None or not spec.has_location or relative(spec.origin, self.root) is not None:
+            return None  # the repository's own modules (and namespace packages) import traced
+        spec.loader = _UntracedLoader(spec.loader)
+        return spec
 
 
 class _UntracedLoader(importlib.abc.Loader):
