@@ -70,9 +70,9 @@ def ml_model_blocker(pytestconfig: pytest.Config) -> ModelBlocker:
 
 
 @pytest.fixture(autouse=True)
-def mock_ml_models_in_unit_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+def mock_ml_models_in_unit_tests(request: pytest.FixtureRequest) -> None:
     """Fake models behind the services, unless the test is marked ``use_real_models``."""
-    ml_models(request.config).route(request, monkeypatch)
+    ml_models(request.config).route(request)
 
 
 def _run_database(config: pytest.Config) -> database.RunDatabase:

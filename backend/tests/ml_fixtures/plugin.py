@@ -14,8 +14,10 @@ import contextlib
 import functools
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pytest_socket import disable_socket, enable_socket
@@ -24,6 +26,7 @@ from _ml_fixtures_warm_core.identity import EnvironmentDefaults
 from ml_fixtures import hookspecs, verify
 from ml_fixtures.affected.plugin import AffectedRun, answer_digest
 from ml_fixtures.cassettes import Cassettes, Replay, environment
+from ml_fixtures.database import network_allowed
 from ml_fixtures.declaration import LoadedModel, ModelSpec, Project
 from ml_fixtures.guard import MARKER, BlockedTest, ModelBlocker, loaders_of
 from ml_fixtures.hookspecs import project_of
@@ -34,12 +37,14 @@ from ml_fixtures.options import pytest_addoption as pytest_addoption  # noqa: F4
 from ml_fixtures.parallel import THREADS_INPUT, ParallelRuns, worker_id
 from ml_fixtures.parallel import pytest_xdist_auto_num_workers as pytest_xdist_auto_num_workers  # noqa: F401 (a hook)
 from ml_fixtures.pool import ModelKey, ModelPool
+from ml_fixtures.seams import SeamRoutes
 from ml_fixtures.unused import unused_lines
 from ml_fixtures.usage import CassetteUsage, EntryRef, Selection, Use, prune_refusal, write_usage
 from ml_fixtures.warm import client as warm
 from ml_fixtures.warm.threads import SharedThreads
 
 ml_models_key = pytest.StashKey["MLModels"]()
+_NO_CALLSPEC = SimpleNamespace(params={})
 #: Model hubs are never reached from tests: the resolvers use local files only. Set for every run
 #: unless the caller set them; a warm server imports the hubs' libraries with them too.
 OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -153,6 +158,8 @@ class MLModels:
         self.prune_refused = ""
         self.blocker = ModelBlocker(loaders_of(project))
         config.add_cleanup(self.blocker.release)
+        self.seams = SeamRoutes(project.models)
+        config.add_cleanup(self.seams.release)
         self.by_cached_fixture = {spec.cached_fixture: spec for spec in project.models}
         #: The test being run: module-scoped fixtures are set up on behalf of whichever test comes first.
         self.item: pytest.Item | None = None
@@ -161,6 +168,9 @@ class MLModels:
         #: What loads real models after the last test (the load report names it), e.g. "--ml-record=verify".
         self.end_of_run: str | None = None
         self._policies: dict[object, Policy] = {}
+        self._policy_of_parent: dict[pytest.Item | pytest.Collector, Policy] = {}
+        #: pytest-socket's blocked socket functions, made once (its disable_socket makes a class each call).
+        self._blocked_network: tuple | None = None
         self._pin_environment()
         self._show_builds()
 
@@ -197,10 +207,20 @@ class MLModels:
         return self.report.timed_load(key, load, self.current_test, self.policy)
 
     def policy_of(self, request: pytest.FixtureRequest) -> Policy:
-        """The requesting test's directory rule (its ``ml_model_policy``), parsed once per value."""
+        """The requesting test's directory rule (its ``ml_model_policy``), parsed once per value.
+
+        A test's fixture overrides come from its module, its classes and the conftests above them,
+        so the tests of one module or class share the rule (unless a test parametrizes it itself).
+        """
+        node = request.node
+        shared = isinstance(node, pytest.Function) and "ml_model_policy" not in getattr(node, "callspec", _NO_CALLSPEC).params
+        if shared and node.parent in self._policy_of_parent:
+            return self._policy_of_parent[node.parent]
         value = request.getfixturevalue("ml_model_policy")
         if value not in self._policies:
             self._policies[value] = Policy.parse(value, "ml_model_policy")
+        if shared:
+            self._policy_of_parent[node.parent] = self._policies[value]
         return self._policies[value]
 
     def enter_policy(self, request: pytest.FixtureRequest) -> Policy:
@@ -290,7 +310,7 @@ class MLModels:
             spec.cached_fixture in names or spec.copy_fixture in names for spec in self.project.models
         )
 
-    def route(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    def route(self, request: pytest.FixtureRequest) -> None:
         """Point each service's loading seam at fakes, or at the pool for tests on real models."""
         item, policy = request.node, self.enter_policy(request)
         used = [spec for spec in self.project.models if spec.cached_fixture in request.fixturenames]
@@ -302,22 +322,37 @@ class MLModels:
                 pytest.skip(loaded.reason)
         cassette = self.cassettes.path_for(item.path, self.config.rootpath)
         if item.get_closest_marker(MARKER) is not None or used:
+            monkeypatch = request.getfixturevalue("monkeypatch")
             for spec in self.project.models:
-                monkeypatch.setattr(spec.service, spec.seam, lambda service, s=spec: self.pooled(s, s.path_of(service)))
                 self._watch_model_calls(monkeypatch, item.nodeid, cassette, spec)
+            self.seams.route(request, self._pooled_for)
             return
-        for spec in self.project.models:
-            replay = Replay(
-                self.cassettes.replay_index(spec), self.settings.replay, spec.model_name, item.nodeid, cassette,
-                on_lookup=lambda key, answer, model=spec.model_name: self.affected.looked_up(model, key, answer),
-                on_replay=functools.partial(self._replayed, item.nodeid, spec),
-            )  # fmt: skip
-            monkeypatch.setattr(spec.service, spec.seam, lambda service, s=spec, r=replay: s.make_fake(r))
+        self.seams.route(request, functools.partial(self._fake_for, item.nodeid, cassette))
         if policy is Policy.UNIT:
             self.blocker.guard_test(request, BlockedTest.of(item, policy))
-            # What pytest-socket's socket_disabled fixture does, without a fixture's set-up per test.
-            disable_socket(allow_unix_socket=self.config.getoption("--allow-unix-socket"))
-            request.addfinalizer(enable_socket)
+            self._block_network(request)
+
+    def _block_network(self, request: pytest.FixtureRequest) -> None:
+        """What pytest-socket's socket_disabled fixture does, without a fixture's set-up per test."""
+        if self._blocked_network is None:
+            with network_allowed():  # puts back what was there
+                disable_socket(allow_unix_socket=self.config.getoption("--allow-unix-socket"))
+                self._blocked_network = socket.socket, socket.getaddrinfo, socket.gethostbyname
+        socket.socket, socket.getaddrinfo, socket.gethostbyname = self._blocked_network
+        request.addfinalizer(enable_socket)
+
+    def _pooled_for(self, spec: ModelSpec, service) -> LoadedModel:
+        """The seam of a test on real models: the pooled model the service asks for."""
+        return self.pooled(spec, spec.path_of(service))
+
+    def _fake_for(self, test: str, cassette: Path, spec: ModelSpec, service) -> LoadedModel:
+        """The seam of a test on fakes: a fake answering from the cassettes for ``test``, whose module's is ``cassette``."""
+        replay = Replay(
+            self.cassettes.replay_index(spec), self.settings.replay, spec.model_name, test, cassette,
+            on_lookup=lambda key, answer, model=spec.model_name: self.affected.looked_up(model, key, answer),
+            on_replay=functools.partial(self._replayed, test, spec),
+        )  # fmt: skip
+        return spec.make_fake(replay)
 
     # ------------------------------------------------------------ cassettes: what each test uses
 

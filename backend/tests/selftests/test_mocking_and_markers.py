@@ -1,5 +1,11 @@
 """Automatic mocking by directory, the marker, strict markers, graceful skips: no real model loaded."""
 
+import types
+
+import pytest
+
+from ml_fixtures.seams import SeamRoutes
+
 
 def test_unit_and_services_trees_get_fake_models(ml_tree):
     source = """
@@ -97,3 +103,28 @@ def test_mock_services_are_autospecced(ml_tree):
         """,
     )
     ml_tree.run().assert_outcomes(passed=2)
+
+
+def test_seams_follow_the_current_test_and_are_the_services_own_elsewhere():
+    """The seams are patched once a run; per test only the route changes. Outside a test, and after the
+    run, a service loads through its own seam; a test that patches the seam itself wins for that test."""
+    class Service:
+        def _load_model(self):
+            return "own"
+
+    spec = types.SimpleNamespace(service=Service, seam="_load_model", model_name="m")
+    seams, finalizers = SeamRoutes([spec]), []
+    request = types.SimpleNamespace(addfinalizer=finalizers.append)
+    assert Service()._load_model() == "own"
+    seams.route(request, lambda s, service: f"fake {s.model_name}")
+    assert Service()._load_model() == "fake m"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(Service, "_load_model", lambda service: "the test's own")
+        assert Service()._load_model() == "the test's own"
+    assert Service()._load_model() == "fake m"
+    finalizers.pop()()
+    assert Service()._load_model() == "own"
+    seams.route(request, lambda s, service: "pooled")
+    assert Service()._load_model() == "pooled"
+    seams.release()
+    assert Service()._load_model() == "own" and "_load_model" in vars(Service)
