@@ -5,8 +5,9 @@ the :class:`ModelBlocker` is blocked, and the project's declared loaders, ``torc
 transformers' ``from_pretrained`` and FlagEmbedding's models fail the test with a message naming
 the marker, instead of passing slowly. A fixture that legitimately needs a
 real load takes ``ml_model_blocker`` and loads inside ``with ml_model_blocker.unblock():``.
-Libraries that are not imported yet are patched the moment they are (one import hook in
-``sys.meta_path`` from the first blocked test to the run's end), so guarding costs a unit run no import.
+The loaders are patched once a run, before its first test, into stand-ins that defer to them while
+nothing is blocked. Libraries that are not imported yet are patched the moment they are (one import
+hook in ``sys.meta_path`` for the run), so guarding costs a unit run no import.
 """
 
 from __future__ import annotations
@@ -125,9 +126,21 @@ class ModelBlocker:
         if self.blocked is not None:
             pytest.fail(self.blocked.message(what), pytrace=False)
 
+    def install(self) -> None:
+        """Patch the loaders for the run, before its first test (``pytest_runtestloop``).
+
+        The stand-ins stay until :meth:`release`: they defer to the real loader while nothing is
+        blocked, so a run patches once rather than per test. Before any test's fixtures, so that a
+        fixture's own patch of a loader goes on top of them and its undo puts them back.
+        """
+        if self._patches is None:
+            self._patches = pytest.MonkeyPatch()
+            sys.meta_path.insert(0, self._hook)
+        self._patch()
+
     def guard_test(self, request: pytest.FixtureRequest, test: BlockedTest) -> None:
         """Block loads for the rest of ``request``'s test, every loader in :attr:`loaders` patched."""
-        self._patch()
+        self.install()
         self.block(test)
         request.addfinalizer(self.restore)
 
@@ -141,15 +154,8 @@ class ModelBlocker:
         self._imports_seen = -1
 
     def _patch(self) -> None:
-        """Patch the loaders, at the first blocked test; later, only if a module was imported since.
-
-        The stand-ins stay until :meth:`release`: they defer to the real loader while nothing is
-        blocked, so a run patches once rather than per test. A new module may bring a subclass with
-        its own copy of a loader; a loader module not imported yet is patched as it is (the hook).
-        """
-        if self._patches is None:
-            self._patches = pytest.MonkeyPatch()
-            sys.meta_path.insert(0, self._hook)
+        """Patch the loaders again only if a module was imported since: it may bring a subclass with its
+        own copy of a loader. A loader module not imported yet is patched as it is (the hook)."""
         if self._hook.imports == self._imports_seen:
             return
         self._imports_seen = self._hook.imports

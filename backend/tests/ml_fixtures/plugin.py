@@ -213,14 +213,21 @@ class MLModels:
         so the tests of one module or class share the rule (unless a test parametrizes it itself).
         """
         node = request.node
-        shared = isinstance(node, pytest.Function) and "ml_model_policy" not in getattr(node, "callspec", _NO_CALLSPEC).params
+        test = node if isinstance(node, pytest.Function) else self.item
+        parametrized = getattr(test, "callspec", _NO_CALLSPEC).params
+        if "ml_model_policy" in parametrized:  # the test's own value: a module-scoped request cannot ask for it
+            return self._parsed_policy(parametrized["ml_model_policy"])
+        shared = isinstance(node, pytest.Function)
         if shared and node.parent in self._policy_of_parent:
             return self._policy_of_parent[node.parent]
-        value = request.getfixturevalue("ml_model_policy")
+        policy = self._parsed_policy(request.getfixturevalue("ml_model_policy"))
+        if shared:
+            self._policy_of_parent[node.parent] = policy
+        return policy
+
+    def _parsed_policy(self, value: object) -> Policy:
         if value not in self._policies:
             self._policies[value] = Policy.parse(value, "ml_model_policy")
-        if shared:
-            self._policy_of_parent[node.parent] = self._policies[value]
         return self._policies[value]
 
     def enter_policy(self, request: pytest.FixtureRequest) -> Policy:
@@ -420,6 +427,12 @@ class MLModels:
             )
 
     # ------------------------------------------------------------ each test
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> None:
+        """The run's patches (the seams' dispatchers, the guard's stand-ins) before any test's fixtures make theirs."""
+        self.seams.install()
+        self.blocker.install()
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool:

@@ -1,10 +1,11 @@
 """Where each service's loading seam leads for the test being run: fakes, the pool, or the service's own.
 
-The seams are patched once a run, at the first test that routes them, each to a dispatcher that
-follows the current test's route; per test only the routes change (a dict), not the classes. Where
-no route is set (between tests, or a fixture that makes a service before the routing fixture runs)
-the seam is the service's own, as without the library. A test that patches a seam itself (a private
-copy, the test's own ``monkeypatch``) replaces the dispatcher for that test alone.
+The seams are patched once a run, before its first test, each to a dispatcher that follows the
+current test's route; per test only the route changes, not the classes. Where no route is set
+(between tests, or a fixture that makes a service before the routing fixture runs) the seam is the
+service's own, as without the library. A test or fixture that patches a seam itself (a private copy,
+its own ``monkeypatch``) replaces the dispatcher while its patch lasts, and its undo puts it back:
+patched before any test's fixtures, the dispatchers are under every patch a test or fixture makes.
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ class SeamRoutes:
         self._route: Route | None = None
         self._patches: pytest.MonkeyPatch | None = None
 
-    def route(self, request: pytest.FixtureRequest, route: Route) -> None:
-        """Send every seam along ``route`` until ``request``'s test ends."""
+    def install(self) -> None:
+        """Patch the seams for the run, before its first test (``pytest_runtestloop``)."""
         if self._patches is None:
             self._install()
+
+    def route(self, request: pytest.FixtureRequest, route: Route) -> None:
+        """Send every seam along ``route`` until ``request``'s test ends."""
+        self.install()
         self._route = route
         request.addfinalizer(self._clear)
 

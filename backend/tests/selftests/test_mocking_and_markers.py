@@ -128,3 +128,20 @@ def test_seams_follow_the_current_test_and_are_the_services_own_elsewhere():
     assert Service()._load_model() == "pooled"
     seams.release()
     assert Service()._load_model() == "own" and "_load_model" in vars(Service)
+
+
+def test_a_test_that_parametrizes_the_policy_gets_each_rule_with_a_cached_fixture_too(ml_tree):
+    ml_tree.write(
+        "integration/test_policies.py",
+        """
+        import pytest
+
+        @pytest.mark.parametrize("ml_model_policy", ["unit", "integration"])
+        def test_classifier(ml_model_policy, ml_classification_model_cached):
+            assert ml_classification_model_cached[0].config.id2label
+        """,
+    )
+    result = ml_tree.run("-p", "no:randomly")
+    result.assert_outcomes(passed=1, errors=1)  # refused at the fixture's set-up, as in a unit tree
+    result.stdout.fnmatch_lines(["*test_classifier?unit? called ml_classification_model_cached.*"])
+    assert "ScopeMismatch" not in result.stdout.str()

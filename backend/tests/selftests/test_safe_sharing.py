@@ -209,10 +209,13 @@ def test_the_blocker_lets_a_fixture_load_for_real(ml_tree):
     result.stdout.fnmatch_lines(["*test_outside_unblock_the_guard_holds called app.ml.loading.load_classification_model.*"])
 
 
-def test_the_guard_leaves_one_import_hook_and_none_after_the_run(ml_tree):
+def test_the_guard_leaves_one_import_hook_and_none_after_the_run(ml_tree, monkeypatch):
+    from ml_fixtures.guard import _PatchAfterImport
+
     ml_tree.write(
         "unit/test_hook.py",
         """
+        import os
         import sys
         from ml_fixtures.guard import _PatchAfterImport
 
@@ -220,16 +223,71 @@ def test_the_guard_leaves_one_import_hook_and_none_after_the_run(ml_tree):
             return [f for f in sys.meta_path if isinstance(f, _PatchAfterImport)]
 
         def test_during():
-            assert len(hooks()) == 1
+            assert len(hooks()) == int(os.environ["HOOKS_BEFORE"]) + 1
 
         def test_after_another():
-            assert len(hooks()) == 1
+            assert len(hooks()) == int(os.environ["HOOKS_BEFORE"]) + 1
         """,
     )
+    before = [f for f in sys.meta_path if isinstance(f, _PatchAfterImport)]  # this run's own, if any
+    monkeypatch.setenv("HOOKS_BEFORE", str(len(before)))
     meta_path = sys.meta_path
     ml_tree.run().assert_outcomes(passed=2)
     assert sys.meta_path is meta_path
-    assert not [f for f in sys.meta_path if type(f).__name__ == "_PatchAfterImport"]
+    assert [f for f in sys.meta_path if isinstance(f, _PatchAfterImport)] == before
+
+
+MODULE_PATCHES = """
+    import pytest
+    import torch
+    from app.ml import LoadedModel
+    from app.services.sparse_embedding_service import SparseEmbeddingService
+
+    SENTINEL = object()
+
+    @pytest.fixture(scope="module", autouse=True)
+    def module_patches():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(SparseEmbeddingService, "_load_model", lambda self: LoadedModel(SENTINEL, None, "cpu"))
+            mp.setattr(torch, "load", lambda *args, **kwargs: "stubbed")
+            yield
+
+    def test_the_modules_own_patches(test_db):
+        assert SparseEmbeddingService(test_db).loaded.model is SENTINEL
+        assert torch.load("anything") == "stubbed"
+"""
+AFTER_THE_MODULE = """
+    import io
+
+    import pytest
+    import torch
+    from app.services.sparse_embedding_service import SparseEmbeddingService
+
+    def test_fakes_again(test_db):
+        assert type(SparseEmbeddingService(test_db).loaded.model).__name__ == "FakeBGEM3Model"
+
+    def test_torch_load_guarded_again():
+        buffer = io.BytesIO()
+        torch.save(torch.ones(3), buffer)
+        buffer.seek(0)
+        torch.load(buffer)
+"""
+
+
+def test_a_modules_own_patches_of_seams_and_loaders_last_for_the_module_and_no_longer(ml_tree):
+    """The run's patches go in before any fixture's: a module-scoped fixture's patch of a seam or a loader
+    holds for its module, and its undo gives the next module the fakes and the guard back, in any order."""
+    import torch
+
+    from app.services.sparse_embedding_service import SparseEmbeddingService
+
+    own_seam, own_load = SparseEmbeddingService.__dict__["_load_model"], torch.load
+    ml_tree.write("unit/test_a_module_patches.py", MODULE_PATCHES)
+    ml_tree.write("unit/test_b_after.py", AFTER_THE_MODULE)
+    result = ml_tree.run("-p", "no:randomly")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*test_torch_load_guarded_again*called torch.load.*"])
+    assert SparseEmbeddingService.__dict__["_load_model"] is own_seam and torch.load is own_load
 
 
 STRICT = """
