@@ -83,7 +83,7 @@ class ModelBlocker:
         self.loaders = dict(LIBRARY_LOADERS if loaders is None else loaders)
         self._history: list[BlockedTest | None] = []
         self._hook = _PatchAfterImport()
-        #: The loaders' stand-ins, from the first blocked test to :meth:`release`.
+        #: The loaders' stand-ins, from :meth:`install` (before the first test) to :meth:`release`.
         self._patches: pytest.MonkeyPatch | None = None
         self._imports_seen = -1
 
