@@ -240,15 +240,29 @@ class MLModels:
         if policy is Policy.UNIT and item.get_closest_marker(MARKER) is None and not self.blocker.unblocked:
             pytest.fail(BlockedTest.of(item, policy).message(what), pytrace=False)
 
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest) -> None:
-        """Refuse a cached fixture to a test that the guard blocks, before anything loads.
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):
+        """Refuse a cached fixture to a test that the guard blocks, before anything loads; and guard the
+        set-up of a module- or session-scoped fixture for such a test as its body is guarded.
 
         Refused here, before pytest's own set-up, the refusal is not cached with the module-scoped
-        fixture: a later marked test of the module still gets the model.
+        fixture: a later marked test of the module still gets the model. A shared fixture is set up
+        before the test's own fixtures (the autouse one that blocks the test among them), so without
+        this a real load in it would pass unguarded and unreported.
         """
-        if fixturedef.argname in self.by_cached_fixture and self.item is not None:
-            self.refuse_unmarked(self.item, self.policy_of(request), fixturedef.argname)
+        item = self.item
+        if item is None or fixturedef.argname == "ml_model_policy":
+            return (yield)
+        if fixturedef.argname in self.by_cached_fixture:
+            self.refuse_unmarked(item, self.policy_of(request), fixturedef.argname)
+            return (yield)
+        if fixturedef.scope == "function" or self.blocker.unblocked or item.get_closest_marker(MARKER) is not None:
+            return (yield)
+        policy = self.policy_of(request)
+        if policy is not Policy.UNIT:
+            return (yield)
+        with self.blocker.block(BlockedTest.of(item, policy)):
+            return (yield)
 
     # ------------------------------------------------------------ what the fixtures get
 

@@ -165,3 +165,36 @@ def test_two_wrapping_finders_ask_each_other_once(tmp_path, monkeypatch):
     finally:
         sys.modules.pop("wrapped_twice", None)
     assert wrapped_twice.VALUE == 1 and first.wrapped == second.wrapped == ["wrapped_twice"]
+
+
+def test_a_shared_fixture_of_a_unit_test_is_guarded_as_the_test_is(ml_tree):
+    """A module-scoped fixture is set up before the fixture that blocks the test: its real load fails
+    the same way, naming the marker; building a service there is not loading (its test gets fakes).
+    Inside ``ml_model_blocker.unblock()`` a shared fixture loads: test_safe_sharing's BLOCKER."""
+    ml_tree.write(
+        "unit/test_shared_fixture.py",
+        """
+        import pytest
+        from app.ml import loading
+        from app.services.ml_classification_service import MLClassificationService
+
+        @pytest.fixture(scope="module")
+        def loaded_at_module_scope():
+            return loading.load_classification_model()
+
+        @pytest.fixture(scope="module")
+        def built_at_module_scope():
+            return MLClassificationService(None)
+
+        def test_unmarked(loaded_at_module_scope):
+            pass
+
+        def test_building_is_not_loading(built_at_module_scope):
+            assert type(built_at_module_scope.loaded.model).__name__ == "FakeSequenceClassifier"
+        """,
+    )
+    result = ml_tree.run("-p", "no:randomly")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*test_unmarked called app.ml.loading.load_classification_model.*", "*@pytest.mark.use_real_models*"]
+    )
