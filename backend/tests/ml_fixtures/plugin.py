@@ -17,7 +17,6 @@ import os
 import socket
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from pytest_socket import disable_socket, enable_socket
@@ -44,7 +43,6 @@ from ml_fixtures.warm import client as warm
 from ml_fixtures.warm.threads import SharedThreads
 
 ml_models_key = pytest.StashKey["MLModels"]()
-_NO_CALLSPEC = SimpleNamespace(params={})
 #: Model hubs are never reached from tests: the resolvers use local files only. Set for every run
 #: unless the caller set them; a warm server imports the hubs' libraries with them too.
 OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -214,7 +212,7 @@ class MLModels:
         """
         node = request.node
         test = node if isinstance(node, pytest.Function) else self.item
-        parametrized = getattr(test, "callspec", _NO_CALLSPEC).params
+        parametrized = getattr(getattr(test, "callspec", None), "params", {})
         if "ml_model_policy" in parametrized:  # the test's own value: a module-scoped request cannot ask for it
             return self._parsed_policy(parametrized["ml_model_policy"])
         shared = isinstance(node, pytest.Function)

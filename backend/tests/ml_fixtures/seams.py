@@ -28,8 +28,17 @@ class SeamRoutes:
 
     def install(self) -> None:
         """Patch the seams for the run, before its first test (``pytest_runtestloop``)."""
-        if self._patches is None:
-            self._install()
+        if self._patches is not None:
+            return
+        self._patches = pytest.MonkeyPatch()
+        for spec in self._specs:
+            own = getattr(spec.service, spec.seam)
+
+            def dispatch(service, spec=spec, own=own):
+                route = self._route
+                return own(service) if route is None else route(spec, service)
+
+            self._patches.setattr(spec.service, spec.seam, dispatch)
 
     def route(self, request: pytest.FixtureRequest, route: Route) -> None:
         """Send every seam along ``route`` until ``request``'s test ends."""
@@ -46,14 +55,3 @@ class SeamRoutes:
 
     def _clear(self) -> None:
         self._route = None
-
-    def _install(self) -> None:
-        self._patches = pytest.MonkeyPatch()
-        for spec in self._specs:
-            own = getattr(spec.service, spec.seam)
-
-            def dispatch(service, spec=spec, own=own):
-                route = self._route
-                return own(service) if route is None else route(spec, service)
-
-            self._patches.setattr(spec.service, spec.seam, dispatch)
